@@ -1,0 +1,71 @@
+"""Shared output for benchmark scripts: a printed table, results JSON, optional PNG."""
+import json
+import os
+import platform
+import time
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def timed(fn, *args, repeats: int = 5):
+  """(first-call seconds incl. compile, best steady-state seconds) for a jitted fn."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return first, best
+
+
+def print_table(rows, columns):
+  widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+  print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  for r in rows:
+    print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v):
+  if isinstance(v, float):
+    return f"{v:.4g}" if abs(v) < 1e3 else f"{v:,.0f}"
+  return str(v)
+
+
+def write_results(name: str, rows, **extra) -> str:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f"{name}.json")
+  payload = {"benchmark": name, "machine": {
+      "platform": platform.platform(), "processor": platform.processor(),
+      "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "devices": [str(d) for d in jax.devices()]}, "rows": rows, **extra}
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(path + ".tmp", path)
+  print(f"wrote {path}")
+  return path
+
+
+def bar_plot(name: str, labels, series: dict, ylabel: str, log: bool = False) -> str:
+  """Grouped bars: one group per label, one bar per series entry."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.8 / max(len(series), 1)
+  for i, (key, values) in enumerate(series.items()):
+    ax.bar([x + i * width for x in range(len(labels))], values, width, label=key)
+  ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))])
+  ax.set_xticklabels(labels)
+  ax.set_ylabel(ylabel)
+  if log:
+    ax.set_yscale("log")
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(RESULTS_DIR, f"{name}.png")
+  fig.savefig(path, dpi=100)
+  print(f"wrote {path}")
+  return path

@@ -1,0 +1,1 @@
+"""lumenvq: LUMEN and MEMORY-VQ memory-augmented readers in JAX/Flax."""

@@ -1,0 +1,38 @@
+"""T5Config: the network's hyper-parameters, bound from gin (`gin_configs/models/*.gin`)."""
+import dataclasses
+from typing import Any
+
+import gin
+import jax.numpy as jnp
+
+
+def as_dtype(name_or_dtype) -> Any:
+  """gin passes dtypes as strings ('bfloat16'); accept those and jnp dtypes."""
+  return jnp.dtype(name_or_dtype).type if isinstance(name_or_dtype, str) else name_or_dtype
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5 1.1 dimensions. Defaults are T5 1.1 small; `dtype` is the activation dtype."""
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  dropout_rate: float = 0.1
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dtype: Any = "bfloat16"
+  param_dtype: Any = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", as_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+    for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                  "relative_attention_num_buckets"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")

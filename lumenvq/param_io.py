@@ -1,0 +1,55 @@
+"""Parameter trees to and from orbax checkpoints, with shape checks that name the parameter.
+
+Used by checkpoint import (convert_checkpoint) and by anything that restores a
+bare parameter tree; the trainer's CheckpointManager keeps whole train states.
+"""
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def flat_names(tree) -> dict:
+  """{'encoder/layers_0/attention/query/kernel': leaf, ...}."""
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(nn.meta.unbox(tree))).items()}
+
+
+def check_shapes(expected, actual, source: str):
+  """Raise naming the first parameter missing, unexpected or of the wrong shape."""
+  exp, act = flat_names(expected), flat_names(actual)
+  for name, leaf in exp.items():
+    if name not in act:
+      raise ValueError(f"{source}: parameter {name} is missing")
+    if tuple(act[name].shape) != tuple(leaf.shape):
+      raise ValueError(f"{source}: parameter {name} has shape "
+                       f"{tuple(act[name].shape)}, the config expects {tuple(leaf.shape)}")
+  extra = sorted(set(act) - set(exp))
+  if extra:
+    raise ValueError(f"{source}: parameter {extra[0]} is not in the network "
+                     f"({len(extra)} unexpected in all)")
+
+
+def save_params(directory: str, params) -> None:
+  """Writes `{"params": params}`; orbax finalises the directory atomically."""
+  directory = os.path.abspath(directory)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(directory, {"params": jax.tree_util.tree_map(np.asarray, params)})
+  ckptr.wait_until_finished()
+
+
+def restore_params(directory: str, abstract_params=None):
+  """Reads `{"params": ...}`; with `abstract_params` (ShapeDtypeStructs, maybe
+  with shardings) the shapes are checked first and arrays land on those shardings."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no parameter checkpoint at {directory}")
+  ckptr = ocp.StandardCheckpointer()
+  if abstract_params is None:
+    return ckptr.restore(directory)["params"]
+  stored = ckptr.metadata(directory).item_metadata["params"]
+  check_shapes(abstract_params, stored, directory)
+  return ckptr.restore(directory, {"params": nn.meta.unbox(abstract_params)})["params"]
