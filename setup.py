@@ -24,6 +24,8 @@ setuptools.setup(
         "tensorboardX",
         "numpy",
         "msgpack",
+        "nltk",
+        "safetensors",
         "matplotlib",
     ],
     extras_require={
