@@ -36,6 +36,7 @@ def standard_logical_axis_rules(model_parallel_embed: bool = False):
       ("passages", None),
       ("memory", "data"),
       ("codebook", "model"),
+      ("quantizer_stage", None),
       ("subspace", None),
       ("subspace_dim", None),
   )
