@@ -1,0 +1,70 @@
+r"""Evaluate a checkpoint on a task split with the task's metric fns.
+
+    python -m lumenvq.eval --gin_file=gin_configs/runs/eval.gin \
+        --gin_file=gin_configs/debug/tiny_task.gin --gin.MODEL_DIR="'/tmp/x'"
+
+Reads MODEL_DIR/checkpoints (latest, or CHECKPOINT_STEP) or a parameter
+directory CHECKPOINT_PATH; writes `metrics_<step>.json` and TensorBoard
+scalars to EVAL_OUTPUT_DIR (default MODEL_DIR/eval).
+"""
+import json
+import os
+from typing import Callable, Optional
+
+import gin
+import jax
+from absl import logging
+
+from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
+                     summaries, trainer as trainer_lib)
+from lumenvq import models  # pylint: disable=unused-import  (registers gin configurables)
+from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
+
+
+def inference_setup(model, model_dir, checkpoint_step, checkpoint_path):
+  """(trainer without optimizer, params, step) on the configured mesh; shared with infer."""
+  mesh = partitioning.make_mesh()
+  trainer = trainer_lib.Trainer(model, None, mesh, partitioning.standard_logical_axis_rules())
+  params, step = checkpoints.load_params(trainer.abstract_state().params, model_dir,
+                                         checkpoint_step, checkpoint_path)
+  return trainer, params, step
+
+
+def write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+@gin.configurable
+def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+             task_feature_lengths: dict = gin.REQUIRED, model=gin.REQUIRED,
+             source_fn: Callable = input_pipeline.get_source, split: str = "validation",
+             checkpoint_step: Optional[int] = None, checkpoint_path: Optional[str] = None,
+             output_dir: Optional[str] = None, max_examples: Optional[int] = None) -> dict:
+  """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard."""
+  output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
+  trainer, params, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  source = source_fn(task_feature_lengths=task_feature_lengths)
+  metrics = evaluation.evaluate(trainer, params, source, split, batch_size, max_examples,
+                                progress=True)
+  logging.info("eval of step %d on %s:%s: %s", step, source.name, split,
+               json.dumps(metrics, sort_keys=True))
+  if jax.process_index() == 0:
+    write_json(os.path.join(output_dir, f"metrics_{step}.json"),
+               {"step": step, "task": source.name, "split": split, "metrics": metrics})
+  writer = summaries.ScalarWriter(output_dir)
+  writer.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+  writer.close()
+  return metrics
+
+
+def main(argv):
+  del argv
+  gin_cli.call_with_gin_errors(evaluate)
+
+
+if __name__ == "__main__":
+  gin_cli.run(main, expected_errors=(checkpoints.CheckpointError,
+                                     partitioning.PartitioningError))

@@ -1,0 +1,76 @@
+"""Decode a task split and score it with the task's metric fns; prediction records.
+
+Used by the periodic eval in training, by `lumenvq.eval` and by
+`lumenvq.infer`. Every process walks the whole split and supplies its rows of
+each global batch; decoded ids come back replicated, so every process holds
+all predictions (process 0 writes them).
+"""
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tqdm
+
+from lumenvq import input_pipeline
+
+
+def predictions(trainer, params, source, split: str, batch_size: int,
+                max_examples: Optional[int] = None, progress: bool = False,
+                teacher_forced: bool = True) -> tuple:
+  """([(example, decoded text)], teacher-forced metric sums or None) over `split`."""
+  convert = trainer.model.feature_converter(source.feature_lengths)
+  examples = list(source.examples(split))
+  total = len(examples) if max_examples is None else min(max_examples, len(examples))
+  out, sums = [], None
+  bar = tqdm.tqdm(total=total, desc=f"{source.name}:{split}", unit="ex",
+                  disable=not progress or jax.process_index() != 0)
+  layout = input_pipeline.data_layout(trainer.mesh, batch_size)
+  for local, chunk, n in input_pipeline.eval_batches(examples, convert, layout, max_examples):
+    batch = input_pipeline.to_global(local, trainer.mesh, batch_size)
+    ids = np.asarray(jax.device_get(trainer.predict_batch(params, batch)))
+    out.extend((ex, source.decode(row)) for ex, row in zip(chunk, ids[:n]))
+    if teacher_forced:
+      step_sums = jax.device_get(trainer.eval_step(params, batch))
+      sums = step_sums if sums is None else {k: sums[k] + step_sums[k] for k in sums}
+    bar.update(n)
+  bar.close()
+  return out, sums
+
+
+def evaluate(trainer, params, source, split: str, batch_size: int,
+             max_examples: Optional[int] = None, progress: bool = False) -> dict:
+  """Task metrics on decoded predictions plus teacher-forced loss and token accuracy.
+
+  A mixture is scored per task, with metric names prefixed `task/`.
+  """
+  sources = source.eval_sources()
+  results = {}
+  for src in sources:
+    pairs, sums = predictions(trainer, params, src, split, batch_size, max_examples,
+                              progress)
+    targets = [src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
+               for ex, _ in pairs]
+    preds = [src.postprocess(text, example=ex, is_target=False) for ex, text in pairs]
+    metrics = dict(src.score(targets, preds))
+    weight = max(float(sums["weight"]), 1e-9)
+    metrics.update(loss=float(sums["loss"]) / weight,
+                   accuracy=float(sums["correct"]) / weight, examples=len(pairs))
+    prefix = f"{src.name}/" if len(sources) > 1 else ""
+    results.update({prefix + k: v for k, v in metrics.items()})
+  return results
+
+
+def prediction_records(source, pairs, kilt: bool) -> Iterator[dict]:
+  """KILT's prediction format `{"id", "output": [{"answer"}]}`, else
+  `{"inputs", "prediction", "targets"}`."""
+  for example, text in pairs:
+    if kilt:
+      if "id" not in example:
+        raise ValueError(f"task {source.name} is written in KILT format but its examples "
+                         "have no 'id' feature")
+      example_id = example["id"]
+      yield {"id": example_id.decode() if isinstance(example_id, bytes) else str(example_id),
+             "output": [{"answer": text}]}
+    else:
+      yield {"inputs": example.get("inputs_pretokenized"), "prediction": text,
+             "targets": example.get("targets_pretokenized")}

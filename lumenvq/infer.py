@@ -1,0 +1,60 @@
+r"""Decode a task split with a checkpoint and write one jsonl line per example.
+
+    python -m lumenvq.infer --gin_file=gin_configs/runs/infer.gin \
+        --gin_file=gin_configs/debug/tiny_task.gin --gin.MODEL_DIR="'/tmp/x'"
+
+KILT tasks get KILT's prediction format `{"id", "output": [{"answer"}]}`
+(ready for `lumenvq.kilt_eval`); other tasks `{"inputs", "prediction",
+"targets"}`. Output: INFER_OUTPUT_DIR (default MODEL_DIR/infer) /
+`<task>-<split>-<step>.jsonl`, one file per task of a mixture. The decoding
+function is `EncoderDecoderModel.decode_fn` in gin.
+"""
+import json
+import os
+from typing import Callable, Optional
+
+import gin
+import jax
+from absl import logging
+
+from lumenvq import checkpoints, evaluation, gin_cli, input_pipeline, partitioning
+from lumenvq.eval import inference_setup
+
+
+@gin.configurable
+def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          task_feature_lengths: dict = gin.REQUIRED, model=gin.REQUIRED,
+          source_fn: Callable = input_pipeline.get_source, split: str = "validation",
+          checkpoint_step: Optional[int] = None, checkpoint_path: Optional[str] = None,
+          output_dir: Optional[str] = None, output_format: str = "auto",
+          max_examples: Optional[int] = None) -> list:
+  """Writes the predictions; returns the paths. `output_format`: auto, kilt or plain."""
+  if output_format not in ("auto", "kilt", "plain"):
+    raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
+  output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "infer"))
+  trainer, params, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  paths = []
+  for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
+    pairs, _ = evaluation.predictions(trainer, params, source, split, batch_size,
+                                      max_examples, progress=True, teacher_forced=False)
+    kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
+    path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
+    if jax.process_index() == 0:
+      tmp = f"{path}.tmp-{os.getpid()}"
+      with open(tmp, "w") as f:
+        for record in evaluation.prediction_records(source, pairs, kilt):
+          f.write(json.dumps(record) + "\n")
+      os.replace(tmp, path)
+    logging.info("wrote %d predictions of step %d to %s", len(pairs), step, path)
+    paths.append(path)
+  return paths
+
+
+def main(argv):
+  del argv
+  gin_cli.call_with_gin_errors(infer)
+
+
+if __name__ == "__main__":
+  gin_cli.run(main, expected_errors=(checkpoints.CheckpointError,
+                                     partitioning.PartitioningError))

@@ -1,0 +1,95 @@
+"""Optimizers and learning-rate schedules (optax), bound from gin, with parameter freezing.
+
+Defaults are T5X's: Adafactor with factored second moments (decay_rate 0.8,
+parameter-scaled updates, update clipping at RMS 1.0, no momentum) and the
+rsqrt schedule `base / sqrt(max(step, warmup_steps))`; no global-norm
+gradient clipping. AdamW is the alternative. Parameters whose '/'-joined
+name matches a `frozen_patterns` regex get zero updates and no optimizer
+state (LUMEN freezes the memory encoder this way).
+"""
+import dataclasses
+import re
+from typing import Callable, Optional, Sequence
+
+import flax
+import gin
+import jax.numpy as jnp
+import optax
+
+
+@gin.configurable
+def rsqrt_decay(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Callable:
+  """T5X's rsqrt_decay: constant base/sqrt(warmup) for warmup steps, then 1/sqrt(step)."""
+  def schedule(step):
+    return base_learning_rate * jnp.reciprocal(
+        jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps)))
+  return schedule
+
+
+@gin.configurable
+def constant_schedule(value: float = 1e-3) -> Callable:
+  """T5X fine-tuning uses a constant 1e-3 with Adafactor."""
+  return optax.constant_schedule(value)
+
+
+@gin.configurable
+def linear_warmup_cosine(peak: float = 1e-4, warmup_steps: int = 1000,
+                         decay_steps: int = 100_000, end: float = 0.0) -> Callable:
+  """The usual AdamW schedule."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps, end)
+
+
+@gin.configurable
+def adafactor(learning_rate, decay_rate: float = 0.8, clipping_threshold: Optional[float] = 1.0,
+              multiply_by_parameter_scale: bool = True, factored: bool = True,
+              min_dim_size_to_factor: int = 128, momentum: Optional[float] = None,
+              weight_decay_rate: Optional[float] = None) -> optax.GradientTransformation:
+  return optax.adafactor(
+      learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+      multiply_by_parameter_scale=multiply_by_parameter_scale, factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum,
+      weight_decay_rate=weight_decay_rate)
+
+
+@gin.configurable
+def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.01) -> optax.GradientTransformation:
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The transformation and its schedule (kept to log the learning rate)."""
+  tx: optax.GradientTransformation
+  schedule: Callable
+
+
+def freeze_labels(params, frozen_patterns: Sequence[str]):
+  """'frozen' / 'trainable' per parameter, by regex search on its '/'-joined name."""
+  regexes = [re.compile(p) for p in frozen_patterns]
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  labels = {name: "frozen" if any(r.search(name) for r in regexes) else "trainable"
+            for name in flat}
+  for regex in regexes:  # A pattern that freezes nothing is a typo, not a choice.
+    if not any(regex.search(name) for name in flat):
+      raise ValueError(f"frozen pattern {regex.pattern!r} matches no parameter "
+                       f"(e.g. {next(iter(flat), '')!r})")
+  return flax.traverse_util.unflatten_dict(labels, sep="/")
+
+
+@gin.configurable
+def make_optimizer(optimizer_fn: Callable = adafactor,
+                   schedule: Optional[Callable] = None,
+                   frozen_patterns: Sequence[str] = (),
+                   max_grad_norm: Optional[float] = None) -> Optimizer:
+  """`optimizer_fn(learning_rate=schedule)`, optionally with global-norm clipping
+  and frozen parameters. `schedule` defaults to `rsqrt_decay()`."""
+  schedule = schedule if schedule is not None else rsqrt_decay()
+  tx = optimizer_fn(learning_rate=schedule)
+  if max_grad_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+  if frozen_patterns:
+    patterns = tuple(frozen_patterns)
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                               lambda params: freeze_labels(params, patterns))
+  return Optimizer(tx, schedule)

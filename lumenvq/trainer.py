@@ -1,0 +1,173 @@
+"""Train state and the jitted train / eval / predict steps, sharded by the logical rules.
+
+Parameters are sharded per `partitioning.logical_shardings`, optimizer state
+like the parameter it belongs to, batches over the `data` axis. One train
+step may accumulate gradients over microbatches; it returns metric *sums*
+(loss, z-loss, loss weight, correct tokens) so that the loss is normalised per
+target token over the whole global batch, whatever the microbatching.
+Dropout randomness is `fold_in(fold_in(PRNGKey(seed), step), microbatch)`, so
+a resumed run draws the same masks as an uninterrupted one.
+"""
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lumenvq import partitioning
+from lumenvq.optimizers import Optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Any
+  params: Any
+  opt_state: Any
+
+
+def _dict_keys(path):
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh):
+  """Each optimizer-state leaf sharded like its parameter (matched by name).
+
+  Adafactor's factored moments drop one dimension of their parameter; they
+  keep the parameter's sharding of the other dimensions (T5X does the same).
+  Leaves that belong to no parameter (step counts) are replicated.
+  """
+  replicated = NamedSharding(mesh, P())
+  params = {_dict_keys(path): leaf for path, leaf in
+            jax.tree_util.tree_leaves_with_path(abstract_params)}
+  specs = {_dict_keys(path): s.spec for path, s in
+           jax.tree_util.tree_leaves_with_path(param_shardings)}
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    name = next((keys[i:] for i in range(len(keys)) if keys[i:] in params), None)
+    if name is None:
+      return replicated
+    shape = tuple(params[name].shape)
+    spec = tuple(specs[name]) + (None,) * (len(shape) - len(specs[name]))
+    if tuple(leaf.shape) == shape:
+      return NamedSharding(mesh, P(*spec))
+    for d in range(len(shape)):
+      if shape[:d] + shape[d + 1:] == tuple(leaf.shape):
+        return NamedSharding(mesh, P(*(spec[:d] + spec[d + 1:])))
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+@gin.configurable(denylist=["model", "optimizer", "mesh", "rules"])
+class Trainer:
+  """Builds the sharded train state and runs jitted steps on `mesh`."""
+
+  def __init__(self, model, optimizer: Optional[Optimizer], mesh, rules,
+               num_microbatches: int = 1, seed: int = 0):
+    self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
+    self.num_microbatches, self.seed = num_microbatches, seed
+    boxed = model.abstract_params()
+    partitioning.check_divisible(boxed, mesh, rules)
+    self.abstract_params = nn.meta.unbox(boxed)
+    self.param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = partitioning.data_sharding(mesh)  # A prefix for any rank.
+    # No optimizer: an inference-only trainer (eval, infer) without optimizer state.
+    abstract_opt = (None if optimizer is None else
+                    jax.eval_shape(optimizer.tx.init, self.abstract_params))
+    self.state_shardings = TrainState(
+        step=self.replicated, params=self.param_shardings,
+        opt_state=opt_state_shardings(abstract_opt, self.abstract_params,
+                                      self.param_shardings, mesh))
+    self._abstract_opt = abstract_opt
+    self._train_step = jax.jit(
+        self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self._init_fresh = jax.jit(lambda rng: self._create_state(rng, None),
+                               out_shardings=self.state_shardings)
+    self._init_from = jax.jit(self._create_state, in_shardings=(None, self.param_shardings),
+                              out_shardings=self.state_shardings)
+    self._eval_step = jax.jit(model.eval_fn, in_shardings=(self.param_shardings,
+                                                           self.batch_sharding),
+                              out_shardings=self.replicated)
+    self._predict = jax.jit(model.predict_batch, in_shardings=(self.param_shardings,
+                                                               self.batch_sharding),
+                            out_shardings=self.replicated)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs carrying this mesh's shardings: what a restore lands on."""
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                          params=self.abstract_params, opt_state=self._abstract_opt)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self.state_shardings)
+
+  def _run(self, fn, *args):
+    with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
+      return fn(*args)
+
+  def _create_state(self, rng, params):
+    if params is None:
+      params = nn.meta.unbox(self.model.get_initial_variables(rng)["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.tx.init(params))
+
+  def init_state(self, params=None) -> TrainState:
+    """Fresh parameters from `seed` (or the given ones) and a fresh optimizer state."""
+    rng = jax.random.PRNGKey(self.seed)
+    if params is None:
+      return self._run(self._init_fresh, rng)
+    return self._run(self._init_from, rng, params)
+
+  def _microbatches(self, x):
+    # Microbatch i takes rows i, i+M, ... so every microbatch spans all data shards.
+    m = self.num_microbatches
+    if x.shape[0] % m:
+      raise partitioning.PartitioningError(
+          f"batch of {x.shape[0]} does not divide into {m} microbatches (num_microbatches)")
+    x = jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(None, "data")))
+
+  def _train_step_impl(self, state: TrainState, batch):
+    step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
+    grad_fn = jax.grad(self.model.loss_fn, has_aux=True)
+    if self.num_microbatches == 1:
+      grads, sums = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
+    else:
+      micro = jax.tree_util.tree_map(self._microbatches, batch)
+
+      def body(acc, xs):
+        i, mb = xs
+        out = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+      first = jax.tree_util.tree_map(lambda x: x[0], micro)
+      zeros = jax.tree_util.tree_map(
+          lambda s: jnp.zeros(s.shape, s.dtype),
+          jax.eval_shape(grad_fn, state.params, first, step_rng))
+      (grads, sums), _ = jax.lax.scan(
+          body, zeros, (jnp.arange(self.num_microbatches), micro))
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+    updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(sums, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params),
+                   learning_rate=jnp.asarray(self.optimizer.schedule(state.step), jnp.float32))
+    metrics["finite"] = (jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"]) &
+                         jnp.isfinite(metrics["param_norm"]))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def train_step(self, state: TrainState, batch) -> tuple:
+    """(next state, metric sums and norms); `state` is donated."""
+    return self._run(self._train_step, state, batch)
+
+  def eval_step(self, params, batch) -> dict:
+    return self._run(self._eval_step, params, batch)
+
+  def predict_batch(self, params, batch):
+    """Decoded ids, replicated so every process can read all rows."""
+    return self._run(self._predict, params, batch)
