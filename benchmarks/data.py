@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=wrong-import-position
 
-from lumenvq.data import kilt, passages, retrieve  # pylint: disable=wrong-import-position
+from lumenvq.data import kilt, passage_table, passages, retrieve  # pylint: disable=wrong-import-position
 
 KS = (1, 5, 10, 20)
 SYLLABLES = "ka ri mo ten sul par vi lor an dem ush gra fel om tiq ber nos hal cu ze bo rin sta el".split()
@@ -53,7 +53,7 @@ def throughput(tmp, num_pages, num_queries):
     start = time.perf_counter()
     passages.finalize(os.path.join(tmp, "synthetic_table"), 1)
     finalize_s = time.perf_counter() - start
-    table = passages.PassageTable(os.path.join(tmp, "synthetic_table"))
+    table = passage_table.PassageTable(os.path.join(tmp, "synthetic_table"))
     n = manifest["num_passages"]
     rows = [{"step": "passages (build + finalize)", "items": n, "seconds": build_s,
              "per_second": n / build_s, "note": f"{num_pages / build_s:,.0f} pages/s, {megabytes / build_s:.1f} MB/s"},
@@ -90,7 +90,7 @@ def demo_recall(tmp, words, dev_size):
     demo.write_demo(data, dev_size=dev_size)
     table_dir = os.path.join(tmp, "demo_table")
     passages.build(os.path.join(data, kilt.KNOWLEDGE_SOURCE_FILE), table_dir, words=words, progress=False)
-    table = passages.PassageTable(table_dir)
+    table = passage_table.PassageTable(table_dir)
     files = [os.path.join(data, kilt.get_task(t).file("dev")) for t in demo.TASK_NAMES]
     start = time.perf_counter()
     outputs = retrieve.run(table_dir, files, os.path.join(tmp, "demo_retrieval"), k=max(KS), progress=False)

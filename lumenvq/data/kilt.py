@@ -185,8 +185,12 @@ class KnowledgePage:
     wikidata_info: Mapping[str, Any]
 
 
-class _BadLine(Exception):
-    """Internal: why a line is rejected; the reader adds file and line."""
+class BadLine(Exception):
+    """Why `parse_kilt_record` / `parse_knowledge_page` reject a line; readers add file and line.
+
+    Public so that readers elsewhere (such as `passages.iter_pages`, which
+    reads byte ranges of the knowledge source) turn it into `KiltFormatError`.
+    """
 
 
 def _is_int(value: Any) -> bool:
@@ -195,14 +199,14 @@ def _is_int(value: Any) -> bool:
 
 def _id_string(value: Any, what: str) -> str:
     if not (_is_int(value) or isinstance(value, str)) or not str(value).strip():
-        raise _BadLine(f"{what} must be a non-empty string or integer, got {_REPR.repr(value)}")
+        raise BadLine(f"{what} must be a non-empty string or integer, got {_REPR.repr(value)}")
     return str(value).strip()
 
 
 def _optional(obj: Mapping, key: str, check: Callable[[Any], bool], what: str, where: str) -> Any:
     value = obj.get(key)
     if value is not None and not check(value):
-        raise _BadLine(f"{where}: '{key}' must be {what}, got {_REPR.repr(value)}")
+        raise BadLine(f"{where}: '{key}' must be {what}, got {_REPR.repr(value)}")
     return value
 
 
@@ -216,9 +220,9 @@ def _paragraph_id(obj: Mapping, key: str, where: str) -> int | None:
 
 def _provenance(obj: Any, where: str) -> Provenance:
     if not isinstance(obj, dict):
-        raise _BadLine(f"{where} is not an object")
+        raise BadLine(f"{where} is not an object")
     if "wikipedia_id" not in obj:
-        raise _BadLine(f"{where} has no 'wikipedia_id'")
+        raise BadLine(f"{where} has no 'wikipedia_id'")
     number = lambda v: (_is_int(v) or isinstance(v, float))  # noqa: E731
     return Provenance(
         wikipedia_id=_id_string(obj["wikipedia_id"], f"{where} wikipedia_id"),
@@ -233,11 +237,11 @@ def _provenance(obj: Any, where: str) -> Provenance:
 
 
 def parse_kilt_record(obj: Any, require_answers: bool = False) -> KiltRecord:
-    """Validate one decoded KILT line; raises `_BadLine` with the reason."""
+    """Validate one decoded KILT line; raises `BadLine` with the reason."""
     if not isinstance(obj, dict):
-        raise _BadLine(f"a record must be a JSON object, got {type(obj).__name__}")
+        raise BadLine(f"a record must be a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
-        raise _BadLine("record has no 'id'")
+        raise BadLine("record has no 'id'")
     rid = _id_string(obj["id"], "'id'")
     text = obj.get("input")
     if not isinstance(text, str) or not text.strip():
@@ -246,54 +250,54 @@ def parse_kilt_record(obj: Any, require_answers: bool = False) -> KiltRecord:
             if text in (None, "")
             else ""
         )
-        raise _BadLine(
+        raise BadLine(
             f"id {rid}: 'input' must be a non-empty string, got {_REPR.repr(text)}{hint}"
         )
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        raise _BadLine(f"id {rid}: 'meta' must be an object")
+        raise BadLine(f"id {rid}: 'meta' must be an object")
     outputs = obj.get("output")
     if outputs is None:
         outputs = []
     if not isinstance(outputs, list):
-        raise _BadLine(f"id {rid}: 'output' must be a list")
+        raise BadLine(f"id {rid}: 'output' must be a list")
     answers: list[str] = []
     provenance: list[Provenance] = []
     for i, output in enumerate(outputs):
         where = f"id {rid}: output {i}"
         if not isinstance(output, dict):
-            raise _BadLine(f"{where} is not an object")
+            raise BadLine(f"{where} is not an object")
         answer = _optional(output, "answer", lambda v: isinstance(v, str), "a string", where)
         if answer and answer.strip() and answer.strip() not in answers:
             answers.append(answer.strip())
         provs = output.get("provenance")
         if provs is not None and not isinstance(provs, list):
-            raise _BadLine(f"{where}: 'provenance' must be a list")
+            raise BadLine(f"{where}: 'provenance' must be a list")
         for j, prov in enumerate(provs or ()):
             item = _provenance(prov, f"{where} provenance {j}")
             if item not in provenance:
                 provenance.append(item)
     if require_answers and not answers:
-        raise _BadLine(f"id {rid}: no answer in 'output'")
+        raise BadLine(f"id {rid}: no answer in 'output'")
     return KiltRecord(rid, text, tuple(answers), tuple(provenance), meta or {})
 
 
 def parse_knowledge_page(obj: Any) -> KnowledgePage:
     """Validate one decoded knowledge-source line; a page must have text."""
     if not isinstance(obj, dict):
-        raise _BadLine(f"a page must be a JSON object, got {type(obj).__name__}")
+        raise BadLine(f"a page must be a JSON object, got {type(obj).__name__}")
     if "wikipedia_id" not in obj:
-        raise _BadLine("page has no 'wikipedia_id'")
+        raise BadLine("page has no 'wikipedia_id'")
     wid = _id_string(obj["wikipedia_id"], "'wikipedia_id'")
     where = f"page {wid}"
     title = obj.get("wikipedia_title")
     if not isinstance(title, str):
-        raise _BadLine(f"{where}: 'wikipedia_title' must be a string, got {_REPR.repr(title)}")
+        raise BadLine(f"{where}: 'wikipedia_title' must be a string, got {_REPR.repr(title)}")
     text = obj.get("text")
     if not isinstance(text, list) or not text:
-        raise _BadLine(f"{where} has no text ('text' must be a non-empty list of paragraphs)")
+        raise BadLine(f"{where} has no text ('text' must be a non-empty list of paragraphs)")
     if not all(isinstance(p, str) for p in text):
-        raise _BadLine(f"{where}: every paragraph of 'text' must be a string")
+        raise BadLine(f"{where}: every paragraph of 'text' must be a string")
     anchors = _optional(
         obj,
         "anchors",
@@ -323,13 +327,13 @@ def _decode(raw: bytes, line: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise _BadLine(f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise BadLine(f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
     if line == 1:
         text = text.removeprefix("\ufeff")
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise _BadLine(f"not valid JSON ({str(err)[:120]})") from None
+        raise BadLine(f"not valid JSON ({str(err)[:120]})") from None
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -345,7 +349,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
     for number, raw in _lines(path):
         try:
             value = _decode(raw, number)
-        except _BadLine as err:
+        except BadLine as err:
             raise KiltFormatError(str(path), number, str(err)) from None
         yield number, value
 
@@ -372,7 +376,7 @@ class JsonlReader(Generic[T]):
         for number, raw in _lines(self.path):
             try:
                 record = self._parse(_decode(raw, number))
-            except _BadLine as err:
+            except BadLine as err:
                 error = KiltFormatError(self.path, number, str(err))
                 if not self.skip_bad_lines:
                     raise error from None
@@ -466,7 +470,7 @@ def restore_triviaqa_questions(
                 obj["input"] = questions[qid]
                 try:
                     parse_kilt_record(obj)
-                except _BadLine as err:
+                except BadLine as err:
                     raise KiltFormatError(kilt_path, number, str(err)) from None
                 out.write(json.dumps(obj) + "\n")
                 count += 1

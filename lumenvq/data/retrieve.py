@@ -37,7 +37,7 @@ from bm25s.tokenization import Tokenized, Tokenizer
 from nltk.stem.snowball import SnowballStemmer
 
 from lumenvq.data import kilt
-from lumenvq.data.passages import PassageTable
+from lumenvq.data.passage_table import PassageTable
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from lumenvq.data import kilt, passages, retrieve
+from lumenvq.data import kilt, passage_table, passages, retrieve
 
 TOPICS = {
     "100": ("Platypus", ["The platypus is a mammal that lays eggs in burrows near rivers of eastern Australia.",
@@ -30,7 +30,7 @@ def world(tmp_path_factory):
         for qid, question, wid in QUESTIONS:
             f.write(json.dumps({"id": qid, "input": question, "output": [
                 {"answer": "x", "provenance": [{"wikipedia_id": wid, "start_paragraph_id": 1}]}]}) + "\n")
-    return root, passages.PassageTable(root / "table")
+    return root, passage_table.PassageTable(root / "table")
 
 
 def _lines(path):
