@@ -31,8 +31,12 @@ class SeqioSource:
 
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: dict,
                task_modules: Sequence[str] = ("tasks", "tasks.debug")):
-    for module in task_modules:
-      importlib.import_module(module)
+    # The CLIs lock gin after parsing; task modules imported only now may still
+    # register their settings (e.g. `demo_data`), left at their defaults. A
+    # gin file that binds them imports `tasks` itself, at parse time.
+    with gin.unlock_config():
+      for module in task_modules:
+        importlib.import_module(module)
     import seqio  # pylint: disable=g-import-not-at-top
     self._seqio = seqio
     self.name = mixture_or_task_name

@@ -72,3 +72,15 @@ def test_seqio_task_gives_the_numpy_sources_examples():
       targets, predictions) == {"sequence_accuracy": 50.0}
   with pytest.raises(ValueError, match="CopySource serves only the debug tasks"):
     input_pipeline.get_source("nq", LENGTHS, backend="numpy")
+
+
+def test_seqio_source_after_gin_is_locked():
+  """The CLIs lock gin before the task modules are imported; their settings
+  (`demo_data`, `kilt_data`) must still register."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import gin; from lumenvq import input_pipeline; gin.finalize(); "
+          "s = input_pipeline.SeqioSource('lumenvq_debug_copy', {'inputs': 8, 'targets': 8}); "
+          "print(next(iter(s.examples('validation')))['inputs'][:3])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
