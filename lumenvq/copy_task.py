@@ -72,11 +72,13 @@ class CopySource:
   """A debug task served directly from numpy (the interface of `input_pipeline.SeqioSource`)."""
 
   is_kilt = False
+  TASKS = TASKS
 
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: dict):
-    if mixture_or_task_name not in TASKS:
-      raise ValueError(f"CopySource serves only the debug tasks {sorted(TASKS)}, not "
-                       f"{mixture_or_task_name!r} (MIXTURE_OR_TASK_NAME)")
+    if mixture_or_task_name not in self.TASKS:
+      raise ValueError(f"{type(self).__name__} serves only the debug tasks "
+                       f"{sorted(self.TASKS)}, not {mixture_or_task_name!r} "
+                       "(MIXTURE_OR_TASK_NAME)")
     self.name = mixture_or_task_name
     self.feature_lengths = dict(task_feature_lengths)
 
@@ -92,11 +94,15 @@ class CopySource:
     if repeat and SPLIT_SIZES[split] is not None:
       indices = itertools.cycle(list(indices))
     for index in itertools.islice(indices, skip, None):
-      text = text_example(self.name, split, index)
-      yield {"inputs": encode(text["inputs"], self.feature_lengths.get("inputs")),
-             "targets": encode(text["targets"], self.feature_lengths.get("targets")),
-             "inputs_pretokenized": text["inputs"],
-             "targets_pretokenized": text["targets"]}
+      yield self.example(split, index)
+
+  def example(self, split: str, index: int) -> dict:
+    """Example `index` of `split`, tokenized."""
+    text = text_example(self.name, split, index)
+    return {"inputs": encode(text["inputs"], self.feature_lengths.get("inputs")),
+            "targets": encode(text["targets"], self.feature_lengths.get("targets")),
+            "inputs_pretokenized": text["inputs"],
+            "targets_pretokenized": text["targets"]}
 
   def decode(self, ids) -> str:
     return decode(ids)

@@ -17,17 +17,18 @@ from absl import logging
 
 from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
                      summaries, trainer as trainer_lib)
-from lumenvq import models  # pylint: disable=unused-import  (registers gin configurables)
+from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
 
 
 def inference_setup(model, model_dir, checkpoint_step, checkpoint_path):
-  """(trainer without optimizer, params, step) on the configured mesh; shared with infer."""
+  """(trainer without optimizer, state without optimizer state, step) on the configured
+  mesh; shared with infer."""
   mesh = partitioning.make_mesh()
   trainer = trainer_lib.Trainer(model, None, mesh, partitioning.standard_logical_axis_rules())
-  params, step = checkpoints.load_params(trainer.abstract_state().params, model_dir,
-                                         checkpoint_step, checkpoint_path)
-  return trainer, params, step
+  state, step = checkpoints.load_state(trainer.abstract_state(), model_dir, checkpoint_step,
+                                       checkpoint_path)
+  return trainer, state, step
 
 
 def write_json(path: str, obj) -> None:
@@ -45,9 +46,9 @@ def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.R
              output_dir: Optional[str] = None, max_examples: Optional[int] = None) -> dict:
   """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard."""
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
-  trainer, params, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
   source = source_fn(task_feature_lengths=task_feature_lengths)
-  metrics = evaluation.evaluate(trainer, params, source, split, batch_size, max_examples,
+  metrics = evaluation.evaluate(trainer, state, source, split, batch_size, max_examples,
                                 progress=True)
   logging.info("eval of step %d on %s:%s: %s", step, source.name, split,
                json.dumps(metrics, sort_keys=True))

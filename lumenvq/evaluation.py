@@ -14,10 +14,11 @@ import tqdm
 from lumenvq import input_pipeline
 
 
-def predictions(trainer, params, source, split: str, batch_size: int,
+def predictions(trainer, state, source, split: str, batch_size: int,
                 max_examples: Optional[int] = None, progress: bool = False,
                 teacher_forced: bool = True) -> tuple:
-  """([(example, decoded text)], teacher-forced metric sums or None) over `split`."""
+  """([(example, decoded text)], teacher-forced metric sums or None) over `split`, with
+  the params and model state of `state` (a trainer.TrainState)."""
   convert = trainer.model.feature_converter(source.feature_lengths)
   examples = list(source.examples(split))
   total = len(examples) if max_examples is None else min(max_examples, len(examples))
@@ -27,17 +28,17 @@ def predictions(trainer, params, source, split: str, batch_size: int,
   layout = input_pipeline.data_layout(trainer.mesh, batch_size)
   for local, chunk, n in input_pipeline.eval_batches(examples, convert, layout, max_examples):
     batch = input_pipeline.to_global(local, trainer.mesh, batch_size)
-    ids = np.asarray(jax.device_get(trainer.predict_batch(params, batch)))
+    ids = np.asarray(jax.device_get(trainer.predict_batch(state, batch)))
     out.extend((ex, source.decode(row)) for ex, row in zip(chunk, ids[:n]))
     if teacher_forced:
-      step_sums = jax.device_get(trainer.eval_step(params, batch))
+      step_sums = jax.device_get(trainer.eval_step(state, batch))
       sums = step_sums if sums is None else {k: sums[k] + step_sums[k] for k in sums}
     bar.update(n)
   bar.close()
   return out, sums
 
 
-def evaluate(trainer, params, source, split: str, batch_size: int,
+def evaluate(trainer, state, source, split: str, batch_size: int,
              max_examples: Optional[int] = None, progress: bool = False) -> dict:
   """Task metrics on decoded predictions plus teacher-forced loss and token accuracy.
 
@@ -46,7 +47,7 @@ def evaluate(trainer, params, source, split: str, batch_size: int,
   sources = source.eval_sources()
   results = {}
   for src in sources:
-    pairs, sums = predictions(trainer, params, src, split, batch_size, max_examples,
+    pairs, sums = predictions(trainer, state, src, split, batch_size, max_examples,
                               progress)
     targets = [src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
                for ex, _ in pairs]

@@ -32,10 +32,10 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
   if output_format not in ("auto", "kilt", "plain"):
     raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "infer"))
-  trainer, params, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
   paths = []
   for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
-    pairs, _ = evaluation.predictions(trainer, params, source, split, batch_size,
+    pairs, _ = evaluation.predictions(trainer, state, source, split, batch_size,
                                       max_examples, progress=True, teacher_forced=False)
     kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
     path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")

@@ -1,4 +1,4 @@
-"""Task data to per-process model batches: SeqIO tasks (or the numpy debug source),
+"""Task data to per-process model batches: SeqIO tasks (or the numpy debug sources),
 the model's feature converter, and global jax.Arrays for jit.
 
 Resumption: the training stream is a deterministic function of the seed and
@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import gin
 import jax
 
-from lumenvq import copy_task, partitioning
+from lumenvq import copy_task, partitioning, passage_copy_task
 from lumenvq.data import kilt
 
 
@@ -86,6 +86,8 @@ def get_source(mixture_or_task_name: str = gin.REQUIRED,
   if backend == "seqio":
     return SeqioSource(mixture_or_task_name, task_feature_lengths)
   if backend == "numpy":
+    if mixture_or_task_name in passage_copy_task.TASKS:
+      return passage_copy_task.PassageCopySource(mixture_or_task_name, task_feature_lengths)
     return copy_task.CopySource(mixture_or_task_name, task_feature_lengths)
   raise ValueError(f"get_source.backend must be 'seqio' or 'numpy', got {backend!r}")
 

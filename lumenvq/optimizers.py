@@ -5,7 +5,8 @@ parameter-scaled updates, update clipping at RMS 1.0, no momentum) and the
 rsqrt schedule `base / sqrt(max(step, warmup_steps))`; no global-norm
 gradient clipping. AdamW is the alternative. Parameters whose '/'-joined
 name matches a `frozen_patterns` regex get zero updates and no optimizer
-state (LUMEN freezes the memory encoder this way).
+state (LUMEN freezes the memory encoder this way: the trainer adds the model's
+`frozen_param_patterns()` to these through `Optimizer.with_frozen`).
 """
 import dataclasses
 import re
@@ -57,11 +58,38 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
+def freeze(tx: optax.GradientTransformation,
+           frozen_patterns: Sequence[str]) -> optax.GradientTransformation:
+  """`tx` on the trainable parameters; zero updates and no state for the frozen ones."""
+  patterns = tuple(frozen_patterns)
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                               lambda params: freeze_labels(params, patterns))
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """The transformation and its schedule (kept to log the learning rate)."""
+  """The transformation and its schedule (kept to log the learning rate).
+
+  `frozen_patterns` are already applied to `tx`; `unfrozen_tx` is `tx` before freezing, so
+  `with_frozen` can add a model's own patterns (LUMEN's memory encoder) to the gin-set
+  ones without nesting two multi_transforms.
+  """
   tx: optax.GradientTransformation
   schedule: Callable
+  frozen_patterns: tuple = ()
+  unfrozen_tx: Optional[optax.GradientTransformation] = None
+
+  def with_frozen(self, patterns: Sequence[str]) -> "Optimizer":
+    """This optimizer with `patterns` frozen too (itself when they already are)."""
+    extra = tuple(p for p in dict.fromkeys(patterns) if p not in self.frozen_patterns)
+    if not extra:
+      return self
+    base = self.unfrozen_tx if self.frozen_patterns else self.tx
+    if base is None:
+      raise ValueError(f"cannot freeze {extra}: this Optimizer has frozen_patterns "
+                       f"{self.frozen_patterns} but no unfrozen_tx (use make_optimizer)")
+    patterns = self.frozen_patterns + extra
+    return Optimizer(freeze(base, patterns), self.schedule, patterns, base)
 
 
 def freeze_labels(params, frozen_patterns: Sequence[str]):
@@ -88,8 +116,4 @@ def make_optimizer(optimizer_fn: Callable = adafactor,
   tx = optimizer_fn(learning_rate=schedule)
   if max_grad_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-  if frozen_patterns:
-    patterns = tuple(frozen_patterns)
-    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               lambda params: freeze_labels(params, patterns))
-  return Optimizer(tx, schedule)
+  return Optimizer(tx, schedule).with_frozen(frozen_patterns)

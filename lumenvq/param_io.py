@@ -18,18 +18,19 @@ def flat_names(tree) -> dict:
       flax.core.unfreeze(nn.meta.unbox(tree))).items()}
 
 
-def check_shapes(expected, actual, source: str):
-  """Raise naming the first parameter missing, unexpected or of the wrong shape."""
+def check_shapes(expected, actual, source: str, what: str = "parameter"):
+  """Raise naming the first `what` (parameter, model state) missing, unexpected or of
+  the wrong shape."""
   exp, act = flat_names(expected), flat_names(actual)
   for name, leaf in exp.items():
     if name not in act:
-      raise ValueError(f"{source}: parameter {name} is missing")
+      raise ValueError(f"{source}: {what} {name} is missing")
     if tuple(act[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"{source}: parameter {name} has shape "
+      raise ValueError(f"{source}: {what} {name} has shape "
                        f"{tuple(act[name].shape)}, the config expects {tuple(leaf.shape)}")
   extra = sorted(set(act) - set(exp))
   if extra:
-    raise ValueError(f"{source}: parameter {extra[0]} is not in the network "
+    raise ValueError(f"{source}: {what} {extra[0]} is not in the network "
                      f"({len(extra)} unexpected in all)")
 
 

@@ -50,11 +50,18 @@ class ScalarWriter:
       self._writer.close()
 
 
+# The trainer's own metrics; any other one a model adds (LUMEN-VQ's `quantizer/*`) is a
+# sum over target tokens like the loss and is written as window total / total weight.
+TRAINER_METRICS = frozenset({"loss", "z_loss", "weight", "correct", "tokens",
+                             "learning_rate", "grad_norm", "param_norm", "finite"})
+
+
 @gin.configurable(denylist=["log_dir"])
 class MetricsLogger:
   """Collects the trainer's per-step metric sums and, every `log_every` steps,
   writes loss, z_loss, token accuracy, learning rate, gradient and parameter
-  norms, steps/s and tokens/s (non-padding input + target tokens)."""
+  norms, steps/s and tokens/s (non-padding input + target tokens), and the
+  model's own metrics (per target token, see TRAINER_METRICS)."""
 
   def __init__(self, log_dir: str, log_every: int = 100):
     self.log_every = log_every
@@ -101,6 +108,7 @@ class MetricsLogger:
         "steps_per_second": len(window) / max(elapsed, 1e-9),
         "tokens_per_second": total("tokens") / max(elapsed, 1e-9),
     }
+    scalars.update({k: total(k) / weight for k in sorted(set(last) - TRAINER_METRICS)})
     self.writer.write(step, scalars)
     logging.info("step %d: %s", step, " ".join(
         f"{k}={v:.7g}" for k, v in scalars.items()))

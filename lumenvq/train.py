@@ -20,7 +20,7 @@ from absl import logging
 
 from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, optimizers, partitioning,
                      summaries, trainer as trainer_lib)
-from lumenvq import models  # pylint: disable=unused-import  (registers gin configurables)
+from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
 
 
@@ -98,7 +98,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         break
       if eval_every and step % eval_every == 0:
         with logger.untimed():
-          metrics = evaluation.evaluate(trainer, state.params, source, eval_split,
+          metrics = evaluation.evaluate(trainer, state, source, eval_split,
                                         eval_batch_size or batch_size, max_eval_examples)
           eval_writer.write(step, metrics)
           logging.info("eval at step %d: %s", step, json.dumps(metrics, sort_keys=True))

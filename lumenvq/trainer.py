@@ -7,7 +7,14 @@ step may accumulate gradients over microbatches; it returns metric *sums*
 target token over the whole global batch, whatever the microbatching.
 Dropout randomness is `fold_in(fold_in(PRNGKey(seed), step), microbatch)`, so
 a resumed run draws the same masks as an uninterrupted one.
+
+The model's *model state* (variable collections besides "params", e.g. LUMEN-VQ's
+codebooks; see `models.EncoderDecoderModel`) is `TrainState.model_state`: sharded by its
+logical axes, threaded through the microbatches of a step in order, replaced by what the
+train step returns, read by eval and predict, never given to the optimizer. The model's
+`frozen_param_patterns()` are added to the optimizer's frozen patterns.
 """
+import functools
 from typing import Any, Optional
 
 import flax
@@ -24,9 +31,11 @@ from lumenvq.optimizers import Optimizer
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a train step reads and writes; eval and infer use it with opt_state None."""
   step: Any
   params: Any
   opt_state: Any
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def _dict_keys(path):
@@ -65,16 +74,27 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, me
 
 @gin.configurable(denylist=["model", "optimizer", "mesh", "rules"])
 class Trainer:
-  """Builds the sharded train state and runs jitted steps on `mesh`."""
+  """Builds the sharded train state and runs jitted steps on `mesh`.
+
+  `compiler_options` go to XLA for every jitted step: e.g.
+  `{"xla_backend_optimization_level": 0}` halves CPU compile times of debug runs and tests.
+  """
 
   def __init__(self, model, optimizer: Optional[Optimizer], mesh, rules,
-               num_microbatches: int = 1, seed: int = 0):
+               num_microbatches: int = 1, seed: int = 0,
+               compiler_options: Optional[dict] = None):
+    if optimizer is not None:
+      optimizer = optimizer.with_frozen(model.frozen_param_patterns())
     self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
     self.num_microbatches, self.seed = num_microbatches, seed
-    boxed = model.abstract_params()
+    boxed = model.abstract_variables()
     partitioning.check_divisible(boxed, mesh, rules)
-    self.abstract_params = nn.meta.unbox(boxed)
-    self.param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
+    abstract = nn.meta.unbox(boxed)
+    shardings = partitioning.logical_shardings(boxed, mesh, rules)
+    collections = model.model_state_collections()
+    self.abstract_params, self.param_shardings = abstract["params"], shardings["params"]
+    self.abstract_model_state = {c: abstract[c] for c in collections}
+    model_state_shardings = {c: shardings[c] for c in collections}
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = partitioning.data_sharding(mesh)  # A prefix for any rank.
     # No optimizer: an inference-only trainer (eval, infer) without optimizer state.
@@ -83,26 +103,29 @@ class Trainer:
     self.state_shardings = TrainState(
         step=self.replicated, params=self.param_shardings,
         opt_state=opt_state_shardings(abstract_opt, self.abstract_params,
-                                      self.param_shardings, mesh))
+                                      self.param_shardings, mesh),
+        model_state=model_state_shardings)
     self._abstract_opt = abstract_opt
-    self._train_step = jax.jit(
+    jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    self._train_step = jit(
         self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    self._init_fresh = jax.jit(lambda rng: self._create_state(rng, None),
-                               out_shardings=self.state_shardings)
-    self._init_from = jax.jit(self._create_state, in_shardings=(None, self.param_shardings),
-                              out_shardings=self.state_shardings)
-    self._eval_step = jax.jit(model.eval_fn, in_shardings=(self.param_shardings,
-                                                           self.batch_sharding),
-                              out_shardings=self.replicated)
-    self._predict = jax.jit(model.predict_batch, in_shardings=(self.param_shardings,
-                                                               self.batch_sharding),
-                            out_shardings=self.replicated)
+    self._init_fresh = jit(lambda rng: self._create_state(rng, None),
+                           out_shardings=self.state_shardings)
+    self._init_from = jit(self._create_state, in_shardings=(None, self.param_shardings),
+                          out_shardings=self.state_shardings)
+    read_only = (self.param_shardings, model_state_shardings, self.batch_sharding)
+    self._eval_step = jit(lambda params, model_state, batch: model.eval_fn(
+        params, batch, model_state), in_shardings=read_only, out_shardings=self.replicated)
+    self._predict = jit(lambda params, model_state, batch: model.predict_batch(
+        params, batch, model_state=model_state), in_shardings=read_only,
+                        out_shardings=self.replicated)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs carrying this mesh's shardings: what a restore lands on."""
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                          params=self.abstract_params, opt_state=self._abstract_opt)
+                          params=self.abstract_params, opt_state=self._abstract_opt,
+                          model_state=self.abstract_model_state)
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
@@ -112,12 +135,16 @@ class Trainer:
       return fn(*args)
 
   def _create_state(self, rng, params):
+    variables = nn.meta.unbox(self.model.get_initial_variables(rng))
     if params is None:
-      params = nn.meta.unbox(self.model.get_initial_variables(rng)["params"])
-    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.tx.init(params))
+      params = variables["params"]
+    model_state = {c: variables[c] for c in self.abstract_model_state}
+    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.tx.init(params),
+                      model_state)
 
   def init_state(self, params=None) -> TrainState:
-    """Fresh parameters from `seed` (or the given ones) and a fresh optimizer state."""
+    """Fresh parameters from `seed` (or the given ones), a fresh optimizer state and a
+    fresh model state (LUMEN-VQ's codebooks seed themselves on the first train step)."""
     rng = jax.random.PRNGKey(self.seed)
     if params is None:
       return self._run(self._init_fresh, rng)
@@ -136,21 +163,25 @@ class Trainer:
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
     grad_fn = jax.grad(self.model.loss_fn, has_aux=True)
     if self.num_microbatches == 1:
-      grads, sums = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
+      grads, (sums, model_state) = grad_fn(state.params, batch,
+                                           jax.random.fold_in(step_rng, 0), state.model_state)
     else:
       micro = jax.tree_util.tree_map(self._microbatches, batch)
 
-      def body(acc, xs):
+      def body(carry, xs):  # Sums add up; the model state passes from one to the next.
+        acc, model_state = carry
         i, mb = xs
-        out = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
-        return jax.tree_util.tree_map(jnp.add, acc, out), None
+        grads, (sums, model_state) = grad_fn(state.params, mb,
+                                             jax.random.fold_in(step_rng, i), model_state)
+        return (jax.tree_util.tree_map(jnp.add, acc, (grads, sums)), model_state), None
 
       first = jax.tree_util.tree_map(lambda x: x[0], micro)
-      zeros = jax.tree_util.tree_map(
-          lambda s: jnp.zeros(s.shape, s.dtype),
-          jax.eval_shape(grad_fn, state.params, first, step_rng))
-      (grads, sums), _ = jax.lax.scan(
-          body, zeros, (jnp.arange(self.num_microbatches), micro))
+      grads_shape, (sums_shape, _) = jax.eval_shape(grad_fn, state.params, first, step_rng,
+                                                    state.model_state)
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     (grads_shape, sums_shape))
+      ((grads, sums), model_state), _ = jax.lax.scan(
+          body, (zeros, state.model_state), (jnp.arange(self.num_microbatches), micro))
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -159,15 +190,16 @@ class Trainer:
                    learning_rate=jnp.asarray(self.optimizer.schedule(state.step), jnp.float32))
     metrics["finite"] = (jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"]) &
                          jnp.isfinite(metrics["param_norm"]))
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, model_state), metrics
 
   def train_step(self, state: TrainState, batch) -> tuple:
     """(next state, metric sums and norms); `state` is donated."""
     return self._run(self._train_step, state, batch)
 
-  def eval_step(self, params, batch) -> dict:
-    return self._run(self._eval_step, params, batch)
+  def eval_step(self, state: TrainState, batch) -> dict:
+    """Teacher-forced metric sums with `state`'s params and model state (not changed)."""
+    return self._run(self._eval_step, state.params, state.model_state, batch)
 
-  def predict_batch(self, params, batch):
+  def predict_batch(self, state: TrainState, batch):
     """Decoded ids, replicated so every process can read all rows."""
-    return self._run(self._predict, params, batch)
+    return self._run(self._predict, state.params, state.model_state, batch)

@@ -42,7 +42,7 @@ def test_converter_rejects_overlong_features():
 def _loss_and_reference(batch):
   model = models.EncoderDecoderModel(CONFIG, label_smoothing=0.1, z_loss=1e-3)
   params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0))["params"])
-  loss, sums = model.loss_fn(params, batch, None)
+  loss, (sums, _) = model.loss_fn(params, batch, None)
   logits = model.module.apply({"params": params}, batch["encoder_input_tokens"],
                               batch["decoder_input_tokens"], batch["decoder_target_tokens"])
   ref = losses.cross_entropy_with_logits(

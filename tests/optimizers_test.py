@@ -54,6 +54,19 @@ def test_frozen_parameters_get_no_update_and_no_state():
   assert sum(s in ((256,), (384,)) for s in stored) == 2  # Only the decoder kernel's.
 
 
+def test_with_frozen_adds_a_models_patterns_to_the_configured_ones():
+  params = _params()
+  configured = optimizers.make_optimizer(schedule=optimizers.constant_schedule(0.1),
+                                         frozen_patterns=(r"^encoder/",))
+  assert configured.with_frozen([r"^encoder/"]) is configured
+  opt = configured.with_frozen([r"^decoder/norm/"])
+  assert opt.frozen_patterns == (r"^encoder/", r"^decoder/norm/")
+  updates, _ = opt.tx.update(_grads(params), opt.tx.init(params), params)
+  moved = jax.tree_util.tree_map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+  assert moved == {"encoder": {"layers_0": {"kernel": False}},
+                   "decoder": {"layers_0": {"kernel": True}, "norm": {"scale": False}}}
+
+
 def test_frozen_pattern_that_matches_nothing_is_an_error():
   opt = optimizers.make_optimizer(frozen_patterns=(r"^memory_encoder/",))
   with pytest.raises(ValueError, match=r"'\^memory_encoder/' matches no parameter"):
