@@ -9,9 +9,10 @@ its output is complete; the CLIs write atomically, so an interrupted stage
 
 Stages built so far: the demo world (KILT files), passages, SentencePiece
 vocabulary, BM25 retrieval scored with the KILT retrieval metrics, and the
-trainer on the tiny network. The LUMEN-VQ reader, the quantized memory store
-and reader evaluation are not built yet, so the training stage trains the
-tiny T5 on the generated copy task (`lumenvq_debug_copy`) and says so.
+trainer on the tiny network. A LUMEN-VQ recipe that learns to read the demo
+tasks, the quantized memory store and evaluation from it are not built yet,
+so the training stage trains the tiny T5 on the generated copy task
+(`lumenvq_debug_copy`) and says so.
 """
 import argparse
 import json
@@ -90,8 +91,9 @@ def main(argv=None):
                           retrieval, "--k", "20", "--no_progress"], False)
   rows = _retrieval_table(out, data, retrieval)
 
-  print("== training: the LUMEN-VQ reader is not built yet; training the tiny T5 on the "
-        "generated copy task (lumenvq_debug_copy) instead", flush=True)
+  print("== training: LUMEN-VQ on the demo tasks, its memory store and evaluation from it are "
+        "not built yet; training the tiny T5 on the generated copy task "
+        "(lumenvq_debug_copy) instead", flush=True)
   _run("train tiny T5", ["lumenvq.train", "--gin_file=gin_configs/debug/tiny_train.gin",
                          f"--gin.MODEL_DIR='{model_dir}'",
                          f"--gin.TRAIN_STEPS={args.train_steps}",
