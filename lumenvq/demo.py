@@ -108,6 +108,11 @@ def main(argv=None):
   for r in rows:
     print(f"{r['task']:<22}{r['Rprec']:>8.3f}{r['recall@5']:>10.3f}{r['recall@20']:>11.3f}"
           f"{r['success_rate@5']:>11.3f}")
+  with open(os.path.join(model_dir, "eval", f"metrics_{args.train_steps}.json")) as f:
+    copy = json.load(f)["metrics"]
+  print(f"\ntiny T5 on the copy task after {args.train_steps} steps ({copy['examples']} "
+        f"validation examples): token accuracy {copy['accuracy']:.3f}, exact copies "
+        f"{copy['sequence_accuracy']:.1f}%")
   print(f"\nEverything is under {out}.")
 
 
