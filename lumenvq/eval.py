@@ -61,11 +61,5 @@ def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.R
   return metrics
 
 
-def main(argv):
-  del argv
-  gin_cli.call_with_gin_errors(evaluate)
-
-
 if __name__ == "__main__":
-  gin_cli.run(main, expected_errors=(checkpoints.CheckpointError,
-                                     partitioning.PartitioningError))
+  gin_cli.run_configurable(evaluate, (checkpoints.CheckpointError, partitioning.PartitioningError))

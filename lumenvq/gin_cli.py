@@ -173,3 +173,11 @@ def run(main: Callable, expected_errors: tuple = ()) -> None:
       print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
       sys.exit(1)
   app.run(wrapped, flags_parser=lambda argv: FLAGS(rewrite_gin_args(argv)))
+
+
+def run_configurable(fn: Callable, expected_errors: tuple = ()) -> None:
+  """The whole main of a CLI whose work is one gin configurable (train, eval, infer)."""
+  def main(argv):
+    del argv
+    call_with_gin_errors(fn)  # Its return value is not an exit status.
+  run(main, expected_errors)

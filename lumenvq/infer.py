@@ -50,11 +50,5 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
   return paths
 
 
-def main(argv):
-  del argv
-  gin_cli.call_with_gin_errors(infer)
-
-
 if __name__ == "__main__":
-  gin_cli.run(main, expected_errors=(checkpoints.CheckpointError,
-                                     partitioning.PartitioningError))
+  gin_cli.run_configurable(infer, (checkpoints.CheckpointError, partitioning.PartitioningError))

@@ -115,11 +115,6 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       eval_writer.close()
 
 
-def main(argv):
-  del argv
-  gin_cli.call_with_gin_errors(train)
-
-
 if __name__ == "__main__":
-  gin_cli.run(main, expected_errors=(NonFiniteError, checkpoints.CheckpointError,
-                                     partitioning.PartitioningError))
+  gin_cli.run_configurable(train, (NonFiniteError, checkpoints.CheckpointError,
+                                   partitioning.PartitioningError))
