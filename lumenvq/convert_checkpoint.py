@@ -72,12 +72,16 @@ _HF_PROJ = {"query": "q", "key": "k", "value": "v", "out": "o"}
 _HF_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
 
 
-def hf_config(src: str) -> T5Config:
+def _read_hf_config(src: str) -> tuple[str, dict]:
   path = os.path.join(src, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not found (a Hugging Face T5 directory has config.json)")
   with open(path) as f:
-    cfg = json.load(f)
+    return path, json.load(f)
+
+
+def hf_config(src: str) -> T5Config:
+  path, cfg = _read_hf_config(src)
   proj = cfg.get("feed_forward_proj", "relu")
   if proj not in ("gated-gelu", "gated-gelu_new"):
     raise ValueError(f"{path}: feed_forward_proj={proj!r}; lumenvq's network is "
@@ -121,8 +125,7 @@ def _hf_head(src: str, tensors: dict) -> np.ndarray:
   the decoder output is scaled by d_model**-0.5 (original T5) or not (T5 1.1);
   that scale folds exactly into the kernel.
   """
-  with open(os.path.join(src, "config.json")) as f:
-    cfg = json.load(f)
+  _, cfg = _read_hf_config(src)
   tied = cfg.get("tie_word_embeddings", True)
   scaled = cfg.get("scale_decoder_outputs", tied)
   if "lm_head.weight" in tensors:
@@ -154,7 +157,7 @@ def from_hf(src: str, config: T5Config):
   if extra:
     raise ValueError(f"{src}: tensor {extra[0]} has no place in the network "
                      f"({len(extra)} unexpected)")
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+  return param_io.unflat_names(params)
 
 
 def _is_ts_spec(value) -> bool:
@@ -208,7 +211,7 @@ def from_t5x(src: str, config: T5Config):
   if extra:
     raise ValueError(f"{path}: parameter {extra[0]} has no place in the network "
                      f"({len(extra)} unexpected)")
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+  return param_io.unflat_names(params)
 
 
 def config_gin(config: T5Config) -> str:

@@ -18,6 +18,11 @@ def flat_names(tree) -> dict:
       flax.core.unfreeze(nn.meta.unbox(tree))).items()}
 
 
+def unflat_names(flat: dict):
+  """The nested tree of `{'a/b/c': leaf}`, the inverse of `flat_names`."""
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
 def check_shapes(expected, actual, source: str, what: str = "parameter"):
   """Raise naming the first `what` (parameter, model state) missing, unexpected or of
   the wrong shape."""

@@ -130,6 +130,15 @@ def test_straight_run_writes_events_config_and_checkpoints(straight):
   assert "starting from step 0" in result.stderr
 
 
+def _resume_and_compare(env, model_dir, straight, expected_log):
+  """Reruns the interrupted run to STEPS: it must say where it continues and
+  end where the straight run ended."""
+  resumed = _run(env, model_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert expected_log in resumed.stderr
+  _assert_same_run(model_dir, straight)
+
+
 def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path):
   model_dir = str(tmp_path / "model")
   proc = subprocess.Popen(_command(model_dir), cwd=REPO, env=env, stderr=subprocess.PIPE,
@@ -146,10 +155,8 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path)
   print(f"SIGTERM after step 3 was logged: saved step {saved}")
   assert 3 <= saved < STEPS, f"the run was not interrupted early enough (saved {saved})"
   assert f"Preempted: saved a checkpoint at step {saved}" in "".join(log)
-  resumed = _run(env, model_dir)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"continuing from step {saved} to TRAIN_STEPS={STEPS}" in resumed.stderr
-  _assert_same_run(model_dir, straight)
+  _resume_and_compare(env, model_dir, straight,
+                      f"continuing from step {saved} to TRAIN_STEPS={STEPS}")
 
 
 def test_kill_9_after_a_saved_step_resumes_from_it(env, straight, tmp_path):
@@ -165,10 +172,7 @@ def test_kill_9_after_a_saved_step_resumes_from_it(env, straight, tmp_path):
   saved = _steps(model_dir)[-1]
   print(f"kill -9 after checkpoint {SAVE_EVERY} appeared: latest step {saved}")
   assert SAVE_EVERY <= saved < STEPS
-  resumed = _run(env, model_dir)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"continuing from step {saved}" in resumed.stderr
-  _assert_same_run(model_dir, straight)
+  _resume_and_compare(env, model_dir, straight, f"continuing from step {saved}")
 
 
 def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(env, straight, tmp_path):
