@@ -16,15 +16,15 @@ import jax
 from absl import logging
 
 from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
-                     summaries, trainer as trainer_lib)
+                     stored_memory, summaries, trainer as trainer_lib)
 from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
 
 
-def inference_setup(model, model_dir, checkpoint_step, checkpoint_path):
+def inference_setup(model, model_dir, checkpoint_step, checkpoint_path, devices=None):
   """(trainer without optimizer, state without optimizer state, step) on the configured
-  mesh; shared with infer."""
-  mesh = partitioning.make_mesh()
+  mesh (over `devices`, default all); shared with infer and precompute_memory."""
+  mesh = partitioning.make_mesh(devices=devices)
   trainer = trainer_lib.Trainer(model, None, mesh, partitioning.standard_logical_axis_rules())
   state, step = checkpoints.load_state(trainer.abstract_state(), model_dir, checkpoint_step,
                                        checkpoint_path)
@@ -47,9 +47,10 @@ def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.R
   """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard."""
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  feed = stored_memory.attach(trainer, step)
   source = source_fn(task_feature_lengths=task_feature_lengths)
   metrics = evaluation.evaluate(trainer, state, source, split, batch_size, max_examples,
-                                progress=True)
+                                progress=True, prepare=feed.prepare)
   logging.info("eval of step %d on %s:%s: %s", step, source.name, split,
                json.dumps(metrics, sort_keys=True))
   if jax.process_index() == 0:

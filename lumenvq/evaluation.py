@@ -5,7 +5,7 @@ Used by the periodic eval in training, by `lumenvq.eval` and by
 each global batch; decoded ids come back replicated, so every process holds
 all predictions (process 0 writes them).
 """
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -16,9 +16,10 @@ from lumenvq import input_pipeline
 
 def predictions(trainer, state, source, split: str, batch_size: int,
                 max_examples: Optional[int] = None, progress: bool = False,
-                teacher_forced: bool = True) -> tuple:
+                teacher_forced: bool = True, prepare: Optional[Callable] = None) -> tuple:
   """([(example, decoded text)], teacher-forced metric sums or None) over `split`, with
-  the params and model state of `state` (a trainer.TrainState)."""
+  the params and model state of `state` (a trainer.TrainState). `prepare` finishes each
+  converted batch on the host (stored memory: `stored_memory.MemoryFeed.prepare`)."""
   convert = trainer.model.feature_converter(source.feature_lengths)
   examples = list(source.examples(split))
   total = len(examples) if max_examples is None else min(max_examples, len(examples))
@@ -27,6 +28,8 @@ def predictions(trainer, state, source, split: str, batch_size: int,
                   disable=not progress or jax.process_index() != 0)
   layout = input_pipeline.data_layout(trainer.mesh, batch_size)
   for local, chunk, n in input_pipeline.eval_batches(examples, convert, layout, max_examples):
+    if prepare is not None:
+      local = prepare(local)
     batch = input_pipeline.to_global(local, trainer.mesh, batch_size)
     ids = np.asarray(jax.device_get(trainer.predict_batch(state, batch)))
     out.extend((ex, source.decode(row)) for ex, row in zip(chunk, ids[:n]))
@@ -39,7 +42,8 @@ def predictions(trainer, state, source, split: str, batch_size: int,
 
 
 def evaluate(trainer, state, source, split: str, batch_size: int,
-             max_examples: Optional[int] = None, progress: bool = False) -> dict:
+             max_examples: Optional[int] = None, progress: bool = False,
+             prepare: Optional[Callable] = None) -> dict:
   """Task metrics on decoded predictions plus teacher-forced loss and token accuracy.
 
   A mixture is scored per task, with metric names prefixed `task/`.
@@ -48,7 +52,7 @@ def evaluate(trainer, state, source, split: str, batch_size: int,
   results = {}
   for src in sources:
     pairs, sums = predictions(trainer, state, src, split, batch_size, max_examples,
-                              progress)
+                              progress, prepare=prepare)
     targets = [src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
                for ex, _ in pairs]
     preds = [src.postprocess(text, example=ex, is_target=False) for ex, text in pairs]

@@ -17,7 +17,8 @@ import gin
 import jax
 from absl import logging
 
-from lumenvq import checkpoints, evaluation, gin_cli, input_pipeline, partitioning
+from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
+                     stored_memory)
 from lumenvq.eval import inference_setup
 
 
@@ -33,10 +34,12 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
     raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "infer"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
+  feed = stored_memory.attach(trainer, step)
   paths = []
   for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
     pairs, _ = evaluation.predictions(trainer, state, source, split, batch_size,
-                                      max_examples, progress=True, teacher_forced=False)
+                                      max_examples, progress=True, teacher_forced=False,
+                                      prepare=feed.prepare)
     kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
     path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
     if jax.process_index() == 0:

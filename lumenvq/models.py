@@ -75,10 +75,13 @@ class EncoderDecoderModel:
   "params" (LUMEN-VQ's "quantizer" codebooks; none for T5): it travels in the train state
   and its checkpoints, train steps return its new value, eval and predict only read it,
   and the optimizer never sees it. Subclasses change the network's inputs through
-  `make_module`, `module_inputs`, `encode`, `input_token_count`, `train_rngs` and
-  `intermediate_metrics`.
+  `make_module`, `module_inputs` (with `module_method`), `encode`, `input_token_count`,
+  `train_rngs` and `intermediate_metrics`.
   """
   FEATURE_CONVERTER_CLS = EncDecFeatureConverter
+  # What the teacher-forced forward applies to `module_inputs` (flax `apply`'s `method`;
+  # None: the module's `__call__`).
+  module_method: Optional[Callable] = None
 
   def __init__(self, config: Optional[T5Config] = None, label_smoothing: float = 0.0,
                z_loss: float = 1e-4, decode_fn: Callable = decoding.greedy_decode):
@@ -157,9 +160,11 @@ class EncoderDecoderModel:
     variables = {"params": params, **model_state}
     args = self.module_inputs(batch)
     if dropout_rng is None:
-      return self.module.apply(variables, *args, enable_dropout=False), model_state, {}
+      return (self.module.apply(variables, *args, method=self.module_method,
+                                enable_dropout=False), model_state, {})
     mutable = list(model_state) + ["intermediates"]
-    logits, updated = self.module.apply(variables, *args, enable_dropout=True,
+    logits, updated = self.module.apply(variables, *args, method=self.module_method,
+                                        enable_dropout=True,
                                         rngs=self.train_rngs(dropout_rng), mutable=mutable)
     new_state = {k: updated.get(k, v) for k, v in model_state.items()}
     return logits, new_state, updated.get("intermediates", {})

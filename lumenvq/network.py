@@ -10,6 +10,7 @@ Parameter tree (T5X's T5 1.1 network, so T5X and Hugging Face checkpoints import
   encoder/encoder_norm/scale
   decoder/layers_i/{self_attention,encoder_decoder_attention,mlp}/...
   decoder/decoder_norm/scale, decoder/logits_dense/kernel [embed, vocab]
+                        (absent with logits_via_embedding: T5 1.0 ties it to the embedding)
 
 The encoder is a stack whose layers can run as two parts, `[0, n)` and `[n, L)`:
 LUMEN runs the first part offline over passages (the memory encoder) and the
@@ -250,7 +251,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+  """Decoder stack. With `T5Config.logits_via_embedding` (T5 1.0) the output layer is the
+  shared token embedding (passed in as `shared_embedding`), scaled by 1/sqrt(emb_dim)."""
   config: T5Config
+  shared_embedding: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, y, encoded, encoder_mask, decoder_mask, *,
@@ -280,7 +284,10 @@ class Decoder(nn.Module):
           decode=decode)
     y = RMSNorm(cfg, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
-    logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="logits_dense")(y)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(cfg.dtype)
+    else:
+      logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="logits_dense")(y)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       ("batch", "length", "vocab"))
 
@@ -301,7 +308,7 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=nn.with_logical_partitioning(_embed_init, ("vocab", "embed")))
     self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg)
+    self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
 
   def embed(self, tokens, *, deterministic: bool):

@@ -14,7 +14,12 @@ def as_dtype(name_or_dtype) -> Any:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """T5 1.1 dimensions. Defaults are T5 1.1 small; `dtype` is the activation dtype."""
+  """T5 1.1 dimensions. Defaults are T5 1.1 small; `dtype` is the activation dtype.
+
+  `logits_via_embedding` ties the output layer to the token embedding (T5 1.0 and T5X's
+  option of that name); T5 1.1 keeps a separate `logits_dense`. Tying makes copying input
+  tokens easy, which is what a small reader trained from scratch must learn first.
+  """
   vocab_size: int = 32128
   emb_dim: int = 512
   num_heads: int = 6
@@ -28,6 +33,7 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
+  logits_via_embedding: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", as_dtype(self.dtype))

@@ -34,7 +34,7 @@ def standard_logical_axis_rules(model_parallel_embed: bool = False):
       ("length", None),
       ("relpos_buckets", None),
       ("passages", None),
-      ("memory", "data"),
+      ("memory", ("data", "model")),  # A stored-memory table's passages: the whole mesh.
       ("codebook", "model"),
       ("quantizer_stage", None),
       ("subspace", None),

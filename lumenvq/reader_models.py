@@ -7,6 +7,10 @@ state: a train step makes the "quantizer" collection mutable and gives it a "qua
 PRNG stream, so the EMA codebooks move; eval and predict leave it immutable. The
 quantizer's codebook usage, perplexity and relative reconstruction error become training
 metrics. Models do not import data code: the converter takes numpy examples.
+
+`ReaderModel.memory` (a `stored_memory.MemorySource`, gin) chooses where memory comes from:
+computed from passage tokens, or read from a precomputed store (batches then carry
+passage ids, or the host-read rows, instead of passage tokens; see `stored_memory`).
 """
 from typing import Optional, Sequence
 
@@ -15,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumenvq import models, quantizer, readers
+from lumenvq import models, quantizer, readers, stored_memory
 from lumenvq.network_config import T5Config
 from lumenvq.reader_config import ReaderConfig
 
@@ -31,14 +35,19 @@ class ReaderFeatureConverter:
   `passage_tokens` (K' token arrays, a ragged list or a [K', L] array, best ranked first)
   -> passage_tokens [B, K, Lp]: the first K passages, each cut to Lp tokens, missing ones
   all zero (readers treat an all-padding passage as absent). A `None` example is an empty
-  padding row.
+  padding row. With `passage_ids` (stored memory) `passage_ids` ([K'] ids, -1 padded) ->
+  passage_ids [B, K] int32, the first K, -1 for missing ones, instead of passage_tokens.
   """
   FEATURES = ("question_tokens", "passage_tokens", "decoder_input_tokens",
               "decoder_target_tokens", "decoder_loss_weights")
+  ID_FEATURES = ("question_tokens", "passage_ids", "decoder_input_tokens",
+                 "decoder_target_tokens", "decoder_loss_weights")
 
-  def __init__(self, task_feature_lengths: dict, num_passages: int, passage_length: int):
+  def __init__(self, task_feature_lengths: dict, num_passages: int, passage_length: int,
+               passage_ids: bool = False):
     self.base = models.EncDecFeatureConverter(task_feature_lengths)
     self.num_passages, self.passage_length = num_passages, passage_length
+    self.passage_ids = passage_ids
 
   def _passages(self, examples) -> np.ndarray:
     k, lp = self.num_passages, self.passage_length
@@ -58,10 +67,28 @@ class ReaderFeatureConverter:
         out[row, slot, :len(ids)] = ids
     return out
 
+  def _ids(self, examples) -> np.ndarray:
+    out = np.full((len(examples), self.num_passages), -1, np.int32)
+    for row, ex in enumerate(examples):
+      if ex is None:
+        continue
+      if "passage_ids" not in ex:
+        raise ValueError(f"example {row} of the batch has no 'passage_ids' feature "
+                         f"(features: {sorted(ex)}): stored memory is read by passage id")
+      ids = np.asarray(ex["passage_ids"])
+      if ids.ndim != 1:
+        raise ValueError(f"'passage_ids' of example {row} has shape {ids.shape}: expected [K]")
+      ids = ids[:self.num_passages]
+      out[row, :len(ids)] = ids
+    return out
+
   def __call__(self, examples: Sequence[Optional[dict]]) -> dict:
     batch = self.base(examples)
     batch["question_tokens"] = batch.pop("encoder_input_tokens")
-    batch["passage_tokens"] = self._passages(examples)
+    if self.passage_ids:
+      batch["passage_ids"] = self._ids(examples)
+    else:
+      batch["passage_tokens"] = self._passages(examples)
     return batch
 
 
@@ -71,20 +98,28 @@ class ReaderModel(models.EncoderDecoderModel):
 
   `label_smoothing`, `z_loss` and `decode_fn` pass through `**kwargs` to
   `EncoderDecoderModel`, so gin's `EncoderDecoderModel.*` bindings of the run files
-  apply to readers too (`ReaderModel.*` ones override them).
+  apply to readers too (`ReaderModel.*` ones override them). `memory`: where the memory
+  comes from (None: computed from passage tokens).
   """
 
   def __init__(self, config: Optional[T5Config] = None,
-               reader: Optional[ReaderConfig] = None, **kwargs):
+               reader: Optional[ReaderConfig] = None,
+               memory: Optional[stored_memory.MemorySource] = None, **kwargs):
     self.reader = reader if reader is not None else ReaderConfig()
+    self.memory = memory if memory is not None else stored_memory.MemorySource()
+    self.memory.check(self.reader)
     super().__init__(config, **kwargs)
+
+  @property
+  def module_method(self):
+    return stored_memory.teacher_forced if self.memory.stored else None
 
   def make_module(self):
     return readers.make_reader(self.config, self.reader)
 
   def feature_converter(self, task_feature_lengths: dict):
     return ReaderFeatureConverter(task_feature_lengths, self.reader.num_passages,
-                                  self.reader.passage_length)
+                                  self.reader.passage_length, passage_ids=self.memory.stored)
 
   def get_initial_variables(self, rng, batch_size: int = 1, question_length: int = 8,
                             decoder_length: int = 8):
@@ -96,13 +131,21 @@ class ReaderModel(models.EncoderDecoderModel):
     return self.module.frozen_param_patterns()
 
   def module_inputs(self, batch) -> tuple:
-    return (batch["question_tokens"], batch["passage_tokens"], batch["decoder_input_tokens"],
+    memory = ((batch["passage_tokens"],) if not self.memory.stored else
+              stored_memory.memory_inputs(batch, self.memory.reader))
+    return (batch["question_tokens"], *memory, batch["decoder_input_tokens"],
             batch["decoder_target_tokens"])
 
   def input_token_count(self, batch):
-    return jnp.sum(batch["question_tokens"] > 0) + jnp.sum(batch["passage_tokens"] > 0)
+    memory = (jnp.sum(batch["passage_tokens"] > 0) if not self.memory.stored else
+              stored_memory.memory_token_count(batch, self.memory.reader))
+    return jnp.sum(batch["question_tokens"] > 0) + memory
 
   def encode(self, variables, batch) -> tuple:
+    if self.memory.stored:
+      return self.module.apply(variables, batch["question_tokens"],
+                               *stored_memory.memory_inputs(batch, self.memory.reader),
+                               method=stored_memory.encode)
     return self.module.apply(variables, batch["question_tokens"], batch["passage_tokens"],
                              method=readers.Reader.encode_passages)
 

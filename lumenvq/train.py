@@ -19,7 +19,7 @@ import jax
 from absl import logging
 
 from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, optimizers, partitioning,
-                     summaries, trainer as trainer_lib)
+                     stored_memory, summaries, trainer as trainer_lib)
 from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
 
@@ -70,11 +70,12 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   eval_writer = summaries.ScalarWriter(os.path.join(model_dir, "eval")) if eval_every else None
   watcher = None
   try:
+    feed = stored_memory.attach(trainer)  # Stored memory: its table, codebooks, host reads.
     state, step = _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps)
     source = source_fn(task_feature_lengths=task_feature_lengths)
-    batches = input_pipeline.train_batches(
+    batches = feed.wrap(input_pipeline.train_batches(
         source, model.feature_converter(task_feature_lengths), layout, step,
-        shuffle=shuffle, seed=seed)
+        shuffle=shuffle, seed=seed))
     gin_cli.write_config(model_dir)
     watcher = checkpoints.PreemptionWatcher()
     pending = []
@@ -99,7 +100,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       if eval_every and step % eval_every == 0:
         with logger.untimed():
           metrics = evaluation.evaluate(trainer, state, source, eval_split,
-                                        eval_batch_size or batch_size, max_eval_examples)
+                                        eval_batch_size or batch_size, max_eval_examples,
+                                        prepare=feed.prepare)
           eval_writer.write(step, metrics)
           logging.info("eval at step %d: %s", step, json.dumps(metrics, sort_keys=True))
     else:

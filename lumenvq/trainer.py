@@ -13,6 +13,12 @@ codebooks; see `models.EncoderDecoderModel`) is `TrainState.model_state`: sharde
 logical axes, threaded through the microbatches of a step in order, replaced by what the
 train step returns, read by eval and predict, never given to the optimizer. The model's
 `frozen_param_patterns()` are added to the optimizer's frozen patterns.
+
+*Step constants* (`step_constants`: a pytree of global arrays, e.g. a stored-memory table
+and its codebooks, see `stored_memory`) are an argument of every jitted train, eval and
+predict step, kept with the shardings they were placed with, and reach the model as
+`batch[STEP_CONSTANTS]` (of each microbatch). Being arguments, they are neither embedded in
+the compiled steps nor part of the train state: no checkpoint holds them.
 """
 import functools
 from typing import Any, Optional
@@ -27,6 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lumenvq import partitioning
 from lumenvq.optimizers import Optimizer
+
+STEP_CONSTANTS = "step_constants"  # The batch key under which models find them.
 
 
 @flax.struct.dataclass
@@ -72,21 +80,29 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, me
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-@gin.configurable(denylist=["model", "optimizer", "mesh", "rules"])
+def _with_constants(batch, constants):
+  """The batch a model sees: with the step constants under STEP_CONSTANTS, if any."""
+  return batch if constants is None else {**batch, STEP_CONSTANTS: constants}
+
+
+@gin.configurable(denylist=["model", "optimizer", "mesh", "rules", "step_constants"])
 class Trainer:
   """Builds the sharded train state and runs jitted steps on `mesh`.
 
   `compiler_options` go to XLA for every jitted step: e.g.
   `{"xla_backend_optimization_level": 0}` halves CPU compile times of debug runs and tests.
+  `step_constants` (see the module docstring) may also be set later, as the attribute: eval
+  and infer open a memory store only once they know the restored checkpoint's step.
   """
 
   def __init__(self, model, optimizer: Optional[Optimizer], mesh, rules,
                num_microbatches: int = 1, seed: int = 0,
-               compiler_options: Optional[dict] = None):
+               compiler_options: Optional[dict] = None, step_constants: Any = None):
     if optimizer is not None:
       optimizer = optimizer.with_frozen(model.frozen_param_patterns())
     self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
     self.num_microbatches, self.seed = num_microbatches, seed
+    self.step_constants = step_constants
     boxed = model.abstract_variables()
     partitioning.check_divisible(boxed, mesh, rules)
     abstract = nn.meta.unbox(boxed)
@@ -107,19 +123,21 @@ class Trainer:
         model_state=model_state_shardings)
     self._abstract_opt = abstract_opt
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    # Step constants keep the shardings they were placed with (None: as given).
     self._train_step = jit(
-        self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+        self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding, None),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     self._init_fresh = jit(lambda rng: self._create_state(rng, None),
                            out_shardings=self.state_shardings)
     self._init_from = jit(self._create_state, in_shardings=(None, self.param_shardings),
                           out_shardings=self.state_shardings)
-    read_only = (self.param_shardings, model_state_shardings, self.batch_sharding)
-    self._eval_step = jit(lambda params, model_state, batch: model.eval_fn(
-        params, batch, model_state), in_shardings=read_only, out_shardings=self.replicated)
-    self._predict = jit(lambda params, model_state, batch: model.predict_batch(
-        params, batch, model_state=model_state), in_shardings=read_only,
-                        out_shardings=self.replicated)
+    read_only = (self.param_shardings, model_state_shardings, self.batch_sharding, None)
+    self._eval_step = jit(lambda params, model_state, batch, constants: model.eval_fn(
+        params, _with_constants(batch, constants), model_state), in_shardings=read_only,
+                          out_shardings=self.replicated)
+    self._predict = jit(lambda params, model_state, batch, constants: model.predict_batch(
+        params, _with_constants(batch, constants), model_state=model_state),
+                        in_shardings=read_only, out_shardings=self.replicated)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs carrying this mesh's shardings: what a restore lands on."""
@@ -159,9 +177,10 @@ class Trainer:
     x = jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(None, "data")))
 
-  def _train_step_impl(self, state: TrainState, batch):
+  def _train_step_impl(self, state: TrainState, batch, constants):
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    grad_fn = jax.grad(self.model.loss_fn, has_aux=True)
+    grad_fn = jax.grad(lambda params, mb, *args: self.model.loss_fn(
+        params, _with_constants(mb, constants), *args), has_aux=True)
     if self.num_microbatches == 1:
       grads, (sums, model_state) = grad_fn(state.params, batch,
                                            jax.random.fold_in(step_rng, 0), state.model_state)
@@ -194,12 +213,14 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch) -> tuple:
     """(next state, metric sums and norms); `state` is donated."""
-    return self._run(self._train_step, state, batch)
+    return self._run(self._train_step, state, batch, self.step_constants)
 
   def eval_step(self, state: TrainState, batch) -> dict:
     """Teacher-forced metric sums with `state`'s params and model state (not changed)."""
-    return self._run(self._eval_step, state.params, state.model_state, batch)
+    return self._run(self._eval_step, state.params, state.model_state, batch,
+                     self.step_constants)
 
   def predict_batch(self, state: TrainState, batch):
     """Decoded ids, replicated so every process can read all rows."""
-    return self._run(self._predict, state.params, state.model_state, batch)
+    return self._run(self._predict, state.params, state.model_state, batch,
+                     self.step_constants)

@@ -110,3 +110,17 @@ def test_size_gin_files_have_t5_1_1_dimensions(size, emb, mlp, layers, heads, mi
 def test_all_sizes_present():
   found = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(GIN_DIR, "*.gin"))}
   assert {"tiny", "small", "base", "large", "xl", "xxl"} <= found
+
+
+
+def test_logits_via_embedding_ties_the_output_layer():
+  tied = T5Config(**{**CONFIG.__dict__, "logits_via_embedding": True})
+  variables = network.init_variables(tied, jax.random.PRNGKey(0))
+  assert not any("logits_dense" in n for n in param_io.flat_names(variables["params"]))
+  enc, dec = _tokens(1, (2, 7)), _tokens(2, (2, 5))
+  logits, state = network.Transformer(tied).apply(variables, enc, dec, dec,
+                                                  capture_intermediates=True)
+  hidden = state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0]
+  embedding = nn.unbox(variables["params"]["token_embedder"]["embedding"])
+  np.testing.assert_allclose(logits, hidden @ embedding.T / np.sqrt(CONFIG.emb_dim),
+                             rtol=1e-5, atol=1e-5)

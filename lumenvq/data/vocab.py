@@ -2,7 +2,7 @@
 
 `get_vocabulary` wraps a SentencePiece model file, ours or an existing one
 such as T5's, as the `seqio.SentencePieceVocabulary` the tasks use. Models
-trained here follow T5's conventions (pad=0, eos=1, unk=2, no bos; unigram;
+trained here follow T5's conventions (pad=0, eos=1, unk=2, no bos; unigram by default;
 NFKC normalisation) and turn byte fallback on, so no text maps to unk.
 
 Training reads sentences from `sentence_iterator`, never the whole 35 GB
@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from lumenvq.data import passages
+from lumenvq.data import kilt, passages
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1
 DEFAULT_EXTRA_IDS = 100  # T5's sentinel ids (<extra_id_0>..); T5X's T5 1.1 vocabularies use 100
@@ -65,10 +65,21 @@ def sentence_iterator(knowledge_source: str, max_sentences: int | None = None, w
                 break
 
 
+def task_texts(kilt_files: Sequence[str]) -> Iterator[str]:
+    """The inputs and answers of KILT task files: question words ("what", "who") that a
+    knowledge source rarely contains, so the vocabulary covers what the reader is fed."""
+    for path in kilt_files:
+        for record in kilt.read_kilt(path):
+            yield record.input
+            yield from record.answers
+
+
 def train_sentencepiece(knowledge_source: str, out_prefix: str, vocab_size: int = 8000,
                         max_sentences: int | None = 2_000_000, character_coverage: float = 0.9995,
-                        threads: int = 2, skip_bad_lines: bool = False) -> str:
-    """Train a unigram model; writes `out_prefix.vocab` then `out_prefix.model`, each by rename."""
+                        threads: int = 2, skip_bad_lines: bool = False, model_type: str = "unigram",
+                        kilt_files: Sequence[str] = ()) -> str:
+    """Train a `model_type` (T5's unigram, or bpe) model on the knowledge source and the texts
+    of `kilt_files`; writes `out_prefix.vocab` then `out_prefix.model`, each by rename."""
     import sentencepiece as spm
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
@@ -78,6 +89,7 @@ def train_sentencepiece(knowledge_source: str, out_prefix: str, vocab_size: int 
     def sentences():  # sentencepiece turns our errors into RuntimeError("INTERNAL: ..."): keep the original
         try:
             yield from sentence_iterator(knowledge_source, max_sentences, skip_bad_lines=skip_bad_lines)
+            yield from task_texts(kilt_files)
         except Exception as err:
             failure.append(err)
             raise
@@ -85,7 +97,7 @@ def train_sentencepiece(knowledge_source: str, out_prefix: str, vocab_size: int 
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(),
-            model_prefix=tmp, model_type="unigram", vocab_size=vocab_size, character_coverage=character_coverage,
+            model_prefix=tmp, model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
             byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", normalization_rule_name="nmt_nfkc",
             max_sentence_length=1 << 16, input_sentence_size=0, num_threads=threads, minloglevel=2)

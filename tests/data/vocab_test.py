@@ -83,3 +83,16 @@ def test_cli_and_bad_input(source, tmp_path, capsys):
     with pytest.raises(kilt.KiltFormatError, match=r"bad\.json:2: page x has no text"):
         vocab.train_sentencepiece(str(bad), str(tmp_path / "b"), vocab_size=300, max_sentences=None)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("b.")]
+
+
+def test_bpe_on_task_texts_learns_question_words(source, tmp_path):
+    tasks = tmp_path / "nq-train-kilt.jsonl"
+    tasks.write_text("".join(json.dumps({"id": str(i), "input": "whereabouts did zorbflux live?",
+                                         "output": [{"answer": "Qwoxland"}]}) + "\n" for i in range(50)))
+    assert list(vocab.task_texts([str(tasks)]))[:2] == ["whereabouts did zorbflux live?", "Qwoxland"]
+    def pieces(kilt_files, name):
+        model = vocab.train_sentencepiece(source, str(tmp_path / name), vocab_size=400, max_sentences=None,
+                                          model_type="bpe", kilt_files=kilt_files)
+        return len(spm.SentencePieceProcessor(model_file=model).encode("zorbflux Qwoxland"))
+
+    assert pieces([str(tasks)], "with") < pieces([], "without")  # words only the task file has
