@@ -1,18 +1,18 @@
-r"""`make demo`: the pipeline on the generated demo world, as resumable stages.
+r"""`make demo`: the whole pipeline on the generated demo world, as resumable stages.
 
-    python -m lumenvq.demo [--out demo_out] [--train_steps 300]
+    python -m lumenvq.demo [--out demo_out] [--train_steps 1500] [--vq_steps 300]
 
-Each stage runs the project's own CLI (printed before it runs, so the demo
-doubles as the documented command sequence) and is skipped on a rerun when
-its output is complete; the CLIs write atomically, so an interrupted stage
-(Ctrl-C) is redone, never mistaken for finished.
+Stages: the demo world (KILT files) -> passages -> SentencePiece vocabulary -> BM25
+retrieval (scored with the KILT retrieval metrics) -> LUMEN trained with a curriculum
+(single-hop questions on their top passage, then every task on K passages) -> LUMEN-VQ started from it (MEMORY-VQ's
+recipe) -> the quantized memory store (and the uncompressed LUMEN store, for the storage
+table) -> eval of LUMEN-VQ reading the store -> KILT metrics of its predictions.
 
-Stages built so far: the demo world (KILT files), passages, SentencePiece
-vocabulary, BM25 retrieval scored with the KILT retrieval metrics, and the
-trainer on the tiny network. A LUMEN-VQ recipe that learns to read the demo
-tasks, the quantized memory store and evaluation from it are not built yet,
-so the training stage trains the tiny T5 on the generated copy task
-(`lumenvq_debug_copy`) and says so.
+Each stage runs the project's own CLI (printed before it runs, so the demo doubles as the
+documented command sequence) and is skipped on a rerun when its output is complete. The
+CLIs write atomically (checkpoints, store shards with completion markers, metrics and
+predictions by rename), so an interrupted stage (Ctrl-C) is redone or resumed, never
+mistaken for finished.
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ import sys
 import time
 
 TASKS = ("nq", "hotpotqa", "fever", "structured_zeroshot")
+DOWNSTREAM = ("em", "f1", "accuracy", "rougel")
 
 
 def _run(title: str, args, done: bool, *, capture: bool = False):
@@ -40,15 +41,18 @@ def _run(title: str, args, done: bool, *, capture: bool = False):
   return result.stdout
 
 
+def _kilt_eval(guess: str, gold: str, *flags) -> dict:
+  return json.loads(subprocess.run(
+      [sys.executable, "-m", "lumenvq.kilt_eval", guess, gold, *flags],
+      check=True, text=True, stdout=subprocess.PIPE).stdout)
+
+
 def _retrieval_table(out: str, data: str, retrieval: str) -> list:
   rows = []
   for task in TASKS:
-    guess = os.path.join(retrieval, f"{task}-dev-bm25-kilt.jsonl")
-    gold = os.path.join(data, f"{task}-dev-kilt.jsonl")
-    report = json.loads(subprocess.run(
-        [sys.executable, "-m", "lumenvq.kilt_eval", guess, gold, "--retrieval",
-         "--ks", "1,5,20", "--rank_keys", "wikipedia_id"],
-        check=True, text=True, stdout=subprocess.PIPE).stdout)
+    report = _kilt_eval(os.path.join(retrieval, f"{task}-dev-bm25-kilt.jsonl"),
+                        os.path.join(data, f"{task}-dev-kilt.jsonl"),
+                        "--retrieval", "--ks", "1,5,20", "--rank_keys", "wikipedia_id")
     rows.append({"task": task, **{k: report[k] for k in
                                   ("Rprec", "recall@5", "recall@20", "success_rate@5")}})
   with open(os.path.join(out, "retrieval_metrics.json"), "w") as f:
@@ -56,24 +60,52 @@ def _retrieval_table(out: str, data: str, retrieval: str) -> list:
   return rows
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m lumenvq.demo", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="demo_out")
-  parser.add_argument("--num_entities", type=int, default=2500)
-  parser.add_argument("--train_size", type=int, default=5000)
-  parser.add_argument("--dev_size", type=int, default=500)
-  parser.add_argument("--words", type=int, default=28, help="words per passage")
-  parser.add_argument("--vocab_size", type=int, default=2000)
-  parser.add_argument("--train_steps", type=int, default=300)
-  args = parser.parse_args(argv)
-  out = os.path.abspath(args.out)
+def _checkpoint_done(model_dir: str, step: int) -> bool:
+  """A checkpoint at `step` or later (older ones are pruned as training goes on)."""
+  directory = os.path.join(model_dir, "checkpoints")
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps, default=-1) >= step
+
+
+def _train(title, model_dir, gin_file, steps, data, extra=()):
+  _run(title, ["lumenvq.train", "--gin_file=gin_configs/runs/train.gin",
+               f"--gin_file={gin_file}", "--gin_file=gin_configs/demo/train.gin",
+               f"--gin.MODEL_DIR='{model_dir}'",
+               f"--gin.TRAIN_STEPS={steps}", f"--gin.demo_data.data_dir='{data}'", *extra],
+       _checkpoint_done(model_dir, steps))
+
+
+def _precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
+  _run(title, ["lumenvq.precompute_memory", f"--gin_file={gin_file}",
+               "--gin_file=gin_configs/runs/precompute.gin", f"--gin.MODEL_DIR='{model_dir}'",
+               f"--gin.STORE_PATH='{store}'", f"--gin.PASSAGES_DIR='{passages}'",
+               f"--gin.VOCABULARY_PATH='{vocab}'", "--gin.SHARD_PASSAGES=1024", *extra],
+       os.path.exists(os.path.join(store, "COMPLETE")))
+
+
+def _storage_rows(stores: dict) -> list:
+  """Bytes per memory token of each store on disk (metadata and codebooks included), and
+  its compression over uncompressed bf16 memory (d x 2 bytes a token: the first row)."""
+  from lumenvq import memory_store  # pylint: disable=g-import-not-at-top  (after the stages)
+  opened = {name: memory_store.MemoryStore.open(path) for name, path in stores.items()}
+  d = next(s.width for s in opened.values() if s.kind == "vectors")
+  rows = [{"memory": "bf16, uncompressed", "kind": "d x 2 bytes", "passages": None,
+           "bytes_on_disk": None, "bytes_per_token": 2.0 * d}]
+  for name, store in opened.items():
+    size = store.bytes_on_disk()
+    rows.append({"memory": name, "kind": store.kind, "passages": store.num_passages,
+                 "bytes_on_disk": size,
+                 "bytes_per_token": size / (store.num_passages * store.passage_length)})
+  for row in rows:
+    row["compression"] = rows[0]["bytes_per_token"] / row["bytes_per_token"]
+  return rows
+
+
+def prepare_data(out: str, args) -> list:
+  """World, passages, vocabulary and BM25 retrieval under `out`; the retrieval table rows."""
   data, passages = os.path.join(out, "data"), os.path.join(out, "passages")
   vocab, retrieval = os.path.join(out, "vocab"), os.path.join(out, "retrieval")
-  model_dir = os.path.join(out, "copy_model")
-  os.makedirs(out, exist_ok=True)
   knowledge_source = os.path.join(data, "kilt_knowledgesource.json")
-
   # The demo and retrieval CLIs check their own completion records and skip
   # finished work themselves; the others are skipped here by their final file.
   _run("demo world (KILT-format knowledge source and tasks)",
@@ -82,38 +114,130 @@ def main(argv=None):
   _run("passages", ["lumenvq.data.passages", "--knowledge_source", knowledge_source,
                     "--out", passages, f"--words={args.words}", "--no_progress"],
        os.path.exists(os.path.join(passages, "manifest.json")))
-  _run("SentencePiece vocabulary",
+  train_files = ",".join(os.path.join(data, f"{t}-train-kilt.jsonl") for t in TASKS)
+  _run("SentencePiece vocabulary (BPE on the knowledge source and training questions)",
        ["lumenvq.data.train_vocab", "--knowledge_source", knowledge_source,
-        "--out", os.path.join(vocab, "spm"), f"--vocab_size={args.vocab_size}"],
+        "--out", os.path.join(vocab, "spm"), f"--vocab_size={args.vocab_size}",
+        "--model_type=bpe", "--character_coverage=1.0", f"--kilt_files={train_files}"],
        os.path.exists(os.path.join(vocab, "spm.model")))
   _run("BM25 retrieval", ["lumenvq.data.retrieve", "--passages", passages, "--data_dir", data,
                           "--tasks", ",".join(TASKS), "--splits", "train,dev", "--out",
                           retrieval, "--k", "20", "--no_progress"], False)
-  rows = _retrieval_table(out, data, retrieval)
+  return _retrieval_table(out, data, retrieval)
 
-  print("== training: LUMEN-VQ on the demo tasks, its memory store and evaluation from it are "
-        "not built yet; training the tiny T5 on the generated copy task "
-        "(lumenvq_debug_copy) instead", flush=True)
-  _run("train tiny T5", ["lumenvq.train", "--gin_file=gin_configs/debug/tiny_train.gin",
-                         f"--gin.MODEL_DIR='{model_dir}'",
-                         f"--gin.TRAIN_STEPS={args.train_steps}",
-                         "--gin.get_source.backend='numpy'"], False)
-  _run("evaluate tiny T5", ["lumenvq.eval", "--gin_file=gin_configs/runs/eval.gin",
-                             "--gin_file=gin_configs/debug/tiny_task.gin",
-                             f"--gin.MODEL_DIR='{model_dir}'",
-                             "--gin.get_source.backend='numpy'"], False)
+
+def train_with_curriculum(name, model_dir, gin_file, curriculum_steps, train_steps, data,
+                          extra=()):
+  """The demo recipe's two train calls on one MODEL_DIR: single-hop questions on their top
+  passage only, then every task on K passages."""
+  _train(f"train {name}, curriculum: single-hop questions, top passage only", model_dir,
+         gin_file, curriculum_steps, data,
+         ["--gin.ReaderConfig.num_passages=1",
+          "--gin.MIXTURE_OR_TASK_NAME='lumenvq_demo_single_hop'", *extra])
+  _train(f"train {name} on K passages", model_dir, gin_file, train_steps, data, extra)
+
+
+def train_from(title, model_dir, gin_file, steps, data, initial_params, extra=()):
+  """A train call initialised from another run's parameters (LUMEN-VQ from LUMEN)."""
+  _train(f"train {title}", model_dir, gin_file, steps, data,
+         [f"--gin.INITIAL_CHECKPOINT_PATH='{initial_params}'", *extra])
+
+
+def evaluate(title, model_dir, gin_file, step, data, extra=(), output_dir=None) -> dict:
+  """`lumenvq.eval` of MODEL_DIR's checkpoint `step` on the demo dev sets; its metrics.
+  Also writes each task's KILT predictions into `output_dir` (default MODEL_DIR/eval)."""
+  output_dir = output_dir or os.path.join(model_dir, "eval")
+  metrics = os.path.join(output_dir, f"metrics_{step}.json")
+  _run(title, ["lumenvq.eval", "--gin_file=gin_configs/runs/eval.gin", f"--gin_file={gin_file}",
+               f"--gin.MODEL_DIR='{model_dir}'", f"--gin.EVAL_OUTPUT_DIR='{output_dir}'",
+               f"--gin.CHECKPOINT_STEP={step}", f"--gin.demo_data.data_dir='{data}'", *extra],
+       os.path.exists(metrics))
+  with open(metrics) as f:
+    return json.load(f)["metrics"]
+
+
+def add_arguments(parser) -> None:
+  """The demo world's and the recipe's flags (shared with benchmarks/quality.py)."""
+  parser.add_argument("--num_entities", type=int, default=2500)
+  parser.add_argument("--train_size", type=int, default=5000)
+  parser.add_argument("--dev_size", type=int, default=500)
+  parser.add_argument("--words", type=int, default=28, help="words per passage")
+  parser.add_argument("--vocab_size", type=int, default=6000)
+  parser.add_argument("--curriculum_steps", type=int, default=500,
+                      help="LUMEN steps on single-hop questions and their top passage, before all tasks on K")
+  parser.add_argument("--train_steps", type=int, default=1500, help="LUMEN steps in all")
+  parser.add_argument("--vq_steps", type=int, default=200,
+                      help="LUMEN-VQ steps from the LUMEN checkpoint")
+  parser.add_argument("--gin_dir", default="gin_configs/demo",
+                      help="the reader experiment files (lumen.gin, lumen_vq.gin)")
+  parser.add_argument("--gin", action="append", default=[],
+                      help="extra gin binding for every model stage, e.g. T5Config.emb_dim=64")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m lumenvq.demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="demo_out")
+  add_arguments(parser)
+  args = parser.parse_args(argv)
+  if not 0 < args.curriculum_steps < args.train_steps:
+    parser.error(f"--curriculum_steps={args.curriculum_steps} must be in (0, --train_steps="
+                 f"{args.train_steps})")
+  out = os.path.abspath(args.out)
+  data, passages = os.path.join(out, "data"), os.path.join(out, "passages")
+  spm_model = os.path.join(out, "vocab", "spm.model")
+  lumen_dir = os.path.join(out, "models", "lumen")
+  vq_dir = os.path.join(out, "models", "lumen_vq")
+  stores = {"lumen (bf16, zstd)": os.path.join(out, "memory", "lumen"),
+            "lumen_vq (codes)": os.path.join(out, "memory", "lumen_vq")}
+  lumen_gin, vq_gin = (os.path.join(args.gin_dir, f"{a}.gin") for a in ("lumen", "lumen_vq"))
+  extra = [f"--gin.{binding}" for binding in args.gin]
+  os.makedirs(out, exist_ok=True)
+  retrieval_rows = prepare_data(out, args)
+  train_with_curriculum("LUMEN", lumen_dir, lumen_gin, args.curriculum_steps, args.train_steps,
+                        data, extra)
+  train_from("LUMEN-VQ from the LUMEN checkpoint", vq_dir, vq_gin, args.vq_steps, data,
+             os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"), extra)
+  _precompute("precompute the LUMEN-VQ memory store (codes)", vq_dir, vq_gin,
+              stores["lumen_vq (codes)"], passages, spm_model, extra)
+  _precompute("precompute the LUMEN memory store (bf16 vectors, for comparison)", lumen_dir,
+              lumen_gin, stores["lumen (bf16, zstd)"], passages, spm_model, extra)
+  eval_dir = os.path.join(vq_dir, "eval_from_store")
+  evaluate("evaluate LUMEN-VQ reading the store (device-resident table)", vq_dir, vq_gin,
+           args.vq_steps, data,
+           ["--gin_file=gin_configs/runs/stored_memory.gin",
+            f"--gin.MEMORY_STORE='{stores['lumen_vq (codes)']}'", "--gin.MEMORY_READER='device'",
+            "--gin.BATCH_SIZE=100", *extra], output_dir=eval_dir)
+
+  downstream = []
+  for task in TASKS:
+    guess = os.path.join(eval_dir, f"lumenvq_demo_{task}-validation-{args.vq_steps}.jsonl")
+    report = _kilt_eval(guess, os.path.join(data, f"{task}-dev-kilt.jsonl"))["downstream"]
+    downstream.append({"task": task, **{k: report[k] for k in DOWNSTREAM}})
+  storage = _storage_rows(stores)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"retrieval": retrieval_rows, "downstream": downstream, "storage": storage}, f,
+              indent=2)
 
   print("\nBM25 retrieval on the demo dev sets (KILT retrieval metrics, rank key wikipedia_id)")
   print(f"{'task':<22}{'R-prec':>8}{'recall@5':>10}{'recall@20':>11}{'success@5':>11}")
-  for r in rows:
+  for r in retrieval_rows:
     print(f"{r['task']:<22}{r['Rprec']:>8.3f}{r['recall@5']:>10.3f}{r['recall@20']:>11.3f}"
           f"{r['success_rate@5']:>11.3f}")
-  with open(os.path.join(model_dir, "eval", f"metrics_{args.train_steps}.json")) as f:
-    copy = json.load(f)["metrics"]
-  print(f"\ntiny T5 on the copy task after {args.train_steps} steps ({copy['examples']} "
-        f"validation examples): token accuracy {copy['accuracy']:.3f}, exact copies "
-        f"{copy['sequence_accuracy']:.1f}%")
-  print(f"\nEverything is under {out}.")
+  print(f"\nLUMEN-VQ reading its quantized memory store, demo dev sets (KILT downstream "
+        f"metrics, %)")
+  print(f"{'task':<22}{'EM':>8}{'F1':>8}{'accuracy':>10}{'ROUGE-L':>9}")
+  for r in downstream:
+    print(f"{r['task']:<22}{100 * r['em']:>8.1f}{100 * r['f1']:>8.1f}"
+          f"{100 * r['accuracy']:>10.1f}{100 * r['rougel']:>9.1f}")
+  print("\nMemory stores on disk (metadata included)")
+  print(f"{'memory':<20}{'passages':>9}{'bytes':>12}{'bytes/token':>13}{'compression':>13}")
+  for r in storage:
+    passages = "" if r["passages"] is None else r["passages"]
+    size = "" if r["bytes_on_disk"] is None else f"{r['bytes_on_disk']:,}"
+    print(f"{r['memory']:<20}{passages:>9}{size:>12}{r['bytes_per_token']:>13.1f}"
+          f"{r['compression']:>12.1f}x")
+  print(f"\nEverything is under {out} (results.json holds these tables).")
 
 
 if __name__ == "__main__":

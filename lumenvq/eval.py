@@ -43,14 +43,23 @@ def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.R
              task_feature_lengths: dict = gin.REQUIRED, model=gin.REQUIRED,
              source_fn: Callable = input_pipeline.get_source, split: str = "validation",
              checkpoint_step: Optional[int] = None, checkpoint_path: Optional[str] = None,
-             output_dir: Optional[str] = None, max_examples: Optional[int] = None) -> dict:
-  """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard."""
+             output_dir: Optional[str] = None, max_examples: Optional[int] = None,
+             write_predictions: bool = True) -> dict:
+  """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard,
+  and (`write_predictions`) each task's predictions as `<task>-<split>-<step>.jsonl`, in
+  KILT's format for KILT tasks (score them with `python -m lumenvq.kilt_eval`)."""
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
   feed = stored_memory.attach(trainer, step)
   source = source_fn(task_feature_lengths=task_feature_lengths)
+
+  def save(task_source, pairs):
+    path = os.path.join(output_dir, f"{task_source.name}-{split}-{step}.jsonl")
+    evaluation.write_predictions(path, task_source, pairs, task_source.is_kilt)
+
   metrics = evaluation.evaluate(trainer, state, source, split, batch_size, max_examples,
-                                progress=True, prepare=feed.prepare)
+                                progress=True, prepare=feed.prepare,
+                                on_predictions=save if write_predictions else None)
   logging.info("eval of step %d on %s:%s: %s", step, source.name, split,
                json.dumps(metrics, sort_keys=True))
   if jax.process_index() == 0:

@@ -5,6 +5,9 @@ Used by the periodic eval in training, by `lumenvq.eval` and by
 each global batch; decoded ids come back replicated, so every process holds
 all predictions (process 0 writes them).
 """
+import json
+import os
+import time
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -16,10 +19,13 @@ from lumenvq import input_pipeline
 
 def predictions(trainer, state, source, split: str, batch_size: int,
                 max_examples: Optional[int] = None, progress: bool = False,
-                teacher_forced: bool = True, prepare: Optional[Callable] = None) -> tuple:
+                teacher_forced: bool = True, prepare: Optional[Callable] = None,
+                timing: Optional[dict] = None) -> tuple:
   """([(example, decoded text)], teacher-forced metric sums or None) over `split`, with
   the params and model state of `state` (a trainer.TrainState). `prepare` finishes each
-  converted batch on the host (stored memory: `stored_memory.MemoryFeed.prepare`)."""
+  converted batch on the host (stored memory: `stored_memory.MemoryFeed.prepare`).
+  `timing` gets "examples" and "seconds" of the batches after the first (which compiles):
+  the steady-state cost of reading, decoding and scoring an example."""
   convert = trainer.model.feature_converter(source.feature_lengths)
   examples = list(source.examples(split))
   total = len(examples) if max_examples is None else min(max_examples, len(examples))
@@ -27,7 +33,10 @@ def predictions(trainer, state, source, split: str, batch_size: int,
   bar = tqdm.tqdm(total=total, desc=f"{source.name}:{split}", unit="ex",
                   disable=not progress or jax.process_index() != 0)
   layout = input_pipeline.data_layout(trainer.mesh, batch_size)
+  start = None
   for local, chunk, n in input_pipeline.eval_batches(examples, convert, layout, max_examples):
+    if start is None and out:  # Timing starts after the first (compiling) batch.
+      start, first = time.perf_counter(), len(out)
     if prepare is not None:
       local = prepare(local)
     batch = input_pipeline.to_global(local, trainer.mesh, batch_size)
@@ -38,31 +47,54 @@ def predictions(trainer, state, source, split: str, batch_size: int,
       sums = step_sums if sums is None else {k: sums[k] + step_sums[k] for k in sums}
     bar.update(n)
   bar.close()
+  if timing is not None and start is not None:
+    timing.update(examples=len(out) - first, seconds=time.perf_counter() - start)
   return out, sums
 
 
 def evaluate(trainer, state, source, split: str, batch_size: int,
              max_examples: Optional[int] = None, progress: bool = False,
-             prepare: Optional[Callable] = None) -> dict:
-  """Task metrics on decoded predictions plus teacher-forced loss and token accuracy.
+             prepare: Optional[Callable] = None,
+             on_predictions: Optional[Callable] = None) -> dict:
+  """Task metrics on decoded predictions plus teacher-forced `loss` and `token_accuracy`
+  (not `accuracy`: that is FEVER's label accuracy).
 
   A mixture is scored per task, with metric names prefixed `task/`.
+  `on_predictions(task_source, pairs)` sees each task's (example, text) pairs (eval writes
+  them as prediction files).
   """
   sources = source.eval_sources()
   results = {}
   for src in sources:
+    timing = {}
     pairs, sums = predictions(trainer, state, src, split, batch_size, max_examples,
-                              progress, prepare=prepare)
+                              progress, prepare=prepare, timing=timing)
+    if on_predictions is not None:
+      on_predictions(src, pairs)
     targets = [src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
                for ex, _ in pairs]
     preds = [src.postprocess(text, example=ex, is_target=False) for ex, text in pairs]
     metrics = dict(src.score(targets, preds))
     weight = max(float(sums["weight"]), 1e-9)
     metrics.update(loss=float(sums["loss"]) / weight,
-                   accuracy=float(sums["correct"]) / weight, examples=len(pairs))
+                   token_accuracy=float(sums["correct"]) / weight, examples=len(pairs))
+    if timing.get("examples"):
+      metrics["seconds_per_example"] = timing["seconds"] / timing["examples"]
     prefix = f"{src.name}/" if len(sources) > 1 else ""
     results.update({prefix + k: v for k, v in metrics.items()})
   return results
+
+
+def write_predictions(path: str, source, pairs, kilt: bool) -> None:
+  """`prediction_records` as jsonl at `path`, by rename (process 0 only): a file that
+  exists is complete."""
+  if jax.process_index() != 0:
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    for record in prediction_records(source, pairs, kilt):
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, path)
 
 
 def prediction_records(source, pairs, kilt: bool) -> Iterator[dict]:

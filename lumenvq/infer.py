@@ -9,7 +9,6 @@ KILT tasks get KILT's prediction format `{"id", "output": [{"answer"}]}`
 `<task>-<split>-<step>.jsonl`, one file per task of a mixture. The decoding
 function is `EncoderDecoderModel.decode_fn` in gin.
 """
-import json
 import os
 from typing import Callable, Optional
 
@@ -42,12 +41,7 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
                                       prepare=feed.prepare)
     kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
     path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
-    if jax.process_index() == 0:
-      tmp = f"{path}.tmp-{os.getpid()}"
-      with open(tmp, "w") as f:
-        for record in evaluation.prediction_records(source, pairs, kilt):
-          f.write(json.dumps(record) + "\n")
-      os.replace(tmp, path)
+    evaluation.write_predictions(path, source, pairs, kilt)
     logging.info("wrote %d predictions of step %d to %s", len(pairs), step, path)
     paths.append(path)
   return paths

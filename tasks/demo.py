@@ -1,5 +1,6 @@
 r"""SeqIO registration of the demo world's tasks, `lumenvq_demo_<task>` for nq, hotpotqa, fever and
-structured_zeroshot, and `lumenvq_demo_all`.
+structured_zeroshot, the mixture `lumenvq_demo_all`, and `lumenvq_demo_single_hop` (nq and
+structured_zeroshot: the demo recipe's curriculum).
 
 The one command sequence that makes them usable (what `make demo` runs, from
 the repository root; the files land where the defaults below look):
@@ -53,3 +54,6 @@ VOCABULARY = seqio_tasks.LazyVocabulary(demo_data)
 for _name in demo.TASK_NAMES:
   seqio_tasks.register_task(task_name(_name), kilt.get_task(_name), demo.SPLITS, demo_data, VOCABULARY)
 seqio_tasks.register_mixture("lumenvq_demo_all", [task_name(name) for name in demo.TASK_NAMES])
+# The demo recipe's curriculum starts here: questions answered by one passage, which teach
+# a reader trained from scratch to read before multi-hop questions and claims join.
+seqio_tasks.register_mixture("lumenvq_demo_single_hop", [task_name("nq"), task_name("structured_zeroshot")])

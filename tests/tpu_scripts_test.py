@@ -218,6 +218,9 @@ def test_run_passes_gs_paths_that_lumenvq_reads_remotely():
                       "--gin.STORE_PATH='gs://bucket/store'",
                       "--gin.VOCABULARY_PATH='gs://bucket/spiece.model'")
   assert "gs://bucket/store" in remote_script(command)
+  [command] = dry_run("run.sh", "--", "python", "-m", "lumenvq.eval",
+                      "--gin.MEMORY_STORE='gs://bucket/store'")
+  assert "gs://bucket/store" in remote_script(command)
 
 
 def test_run_needs_a_command():

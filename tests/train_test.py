@@ -217,7 +217,11 @@ def test_eval_and_infer_clis_on_another_mesh(env, straight):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.load(open(os.path.join(model_dir, "eval", f"metrics_{STEPS}.json")))
   assert report["step"] == STEPS and report["metrics"]["examples"] == 20
-  assert set(report["metrics"]) == {"sequence_accuracy", "loss", "accuracy", "examples"}
+  assert set(report["metrics"]) == {"sequence_accuracy", "loss", "token_accuracy", "examples",
+                                    "seconds_per_example"}
+  assert report["metrics"]["seconds_per_example"] > 0
+  predictions = os.path.join(model_dir, "eval", f"lumenvq_debug_copy-validation-{STEPS}.jsonl")
+  assert len(open(predictions).readlines()) == 20
   assert _events(os.path.join(model_dir, "eval"), "loss")[STEPS] == [
       pytest.approx(report["metrics"]["loss"], rel=1e-6)]
   result = _call(env, [sys.executable, "-m", "lumenvq.infer",

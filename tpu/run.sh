@@ -11,7 +11,7 @@ LOG=""
 # The gin settings that lumenvq reads or writes with tensorstore or seqio, which take gs:// paths.
 # Every other path (MODEL_DIR, checkpoints, outputs, KILT files) goes through local file APIs
 # (os.makedirs, open, np.memmap), where gs://bucket/x would quietly become a local directory "gs:".
-REMOTE_OK=(STORE_PATH VOCABULARY_PATH kilt_data.vocabulary_path)
+REMOTE_OK=(STORE_PATH MEMORY_STORE MemorySource.path precompute.store_path VOCABULARY_PATH kilt_data.vocabulary_path)
 
 usage() {
   cat <<USAGE

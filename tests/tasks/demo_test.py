@@ -40,6 +40,9 @@ def test_names_splits_and_mixture():
   mixture = seqio.get_mixture_or_task("lumenvq_demo_all")
   assert sorted(t.name for t in mixture.tasks) == sorted(NAMES)
   assert {mixture.get_rate(t) for t in mixture.tasks} == {1.0}
+  single_hop = seqio.get_mixture_or_task("lumenvq_demo_single_hop")
+  assert sorted(t.name for t in single_hop.tasks) == ["lumenvq_demo_nq",
+                                                       "lumenvq_demo_structured_zeroshot"]
   with pytest.raises(ValueError, match="unknown demo task 'trex'; demo tasks: nq, hotpotqa, fever"):
     tasks.demo.task_name("trex")
 
