@@ -10,8 +10,10 @@ vectors and measured on the same held-out vectors:
 lumenvq trains as it would inside a model, minus the model: k-means++ seeding from the first
 batch (+ optional Lloyd iterations on it), then EMA steps over shuffled batches.
 
-Datasets: synthetic correlated Gaussians (default), and any [N, d] float .npy given with
---vectors (e.g. memory vectors dumped from a trained memory encoder), split train/eval.
+Datasets: synthetic correlated Gaussians (default); the memory vectors of a trained LUMEN
+memory encoder read from a memory store (--store; default the one `make demo` writes,
+demo_out/memory/lumen, when it exists: real tokens only); and any [N, d] float .npy given
+with --vectors. Each is split train/eval.
 
   python benchmarks/pq_vs_faiss.py                  # synthetic d=128/G=16 and d=512/G=64
   python benchmarks/pq_vs_faiss.py --vectors mem.npy --subspaces 16 --no-synthetic
@@ -174,11 +176,26 @@ def plot(rows, path):
   os.replace(tmp, path)
 
 
+def store_vectors(path: str) -> np.ndarray:
+  """[tokens, d] float32: every real token's memory vector in a LUMEN memory store."""
+  from lumenvq import memory_store  # pylint: disable=g-import-not-at-top
+  store = memory_store.MemoryStore.open(path)
+  if store.kind != "vectors":
+    raise ValueError(f"--store {path} holds {store.kind}; a LUMEN (vectors) store is needed")
+  values, lengths = store.read_range(0, store.num_passages)
+  mask = memory_store.MemoryStore.mask(lengths, store.passage_length)
+  return np.asarray(values[mask], np.float32)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--vectors", help="[N, d] float .npy to benchmark as an extra dataset")
   p.add_argument("--subspaces", type=int, nargs="+", default=[16],
                  help="G settings for --vectors")
+  p.add_argument("--store", default="demo_out/memory/lumen",
+                 help="a LUMEN (vectors) memory store; skipped when missing")
+  p.add_argument("--store-subspaces", type=int, nargs="+", default=[16, 8],
+                 help="G settings for --store (the demo's d = 128: 16x and 32x)")
   p.add_argument("--no-synthetic", action="store_true")
   p.add_argument("--bits", type=int, default=8)
   p.add_argument("--n-train", type=int, default=50_000)
@@ -200,14 +217,18 @@ def main():
     for d, g in ((128, 16), (512, 64)):
       x = correlated_gaussian(args.n_train + args.n_eval, d, args.seed + d)
       datasets.append(("synthetic-gauss", x[:args.n_train], x[args.n_train:], [g]))
+  def add(name, x, subspaces):
+    x = x[np.random.default_rng(args.seed).permutation(len(x))]
+    n_eval = min(args.n_eval, len(x) // 5)
+    datasets.append((name, x[n_eval:][:args.n_train], x[:n_eval], subspaces))
+
+  if args.store and os.path.exists(os.path.join(args.store, "COMPLETE")):
+    add("trained-lumen-memory", store_vectors(args.store), args.store_subspaces)
   if args.vectors:
     x = np.load(args.vectors).astype(np.float32)
     if x.ndim != 2:
       raise ValueError(f"--vectors {args.vectors}: expected [N, d], got shape {x.shape}")
-    x = x[np.random.default_rng(args.seed).permutation(len(x))]
-    n_eval = min(args.n_eval, len(x) // 5)
-    datasets.append((pathlib.Path(args.vectors).stem, x[n_eval:], x[:n_eval],
-                     args.subspaces))
+    add(pathlib.Path(args.vectors).stem, x, args.subspaces)
   if not datasets:
     p.error("nothing to run: --no-synthetic without --vectors")
 
