@@ -1,24 +1,31 @@
 # The two commands: `make demo` and `make test`. Both create .venv when missing.
+# `make demo` installs lumenvq alone; `make test` and `make bench` add the test extras
+# (pytest, and the references: transformers + torch for the HF parity test, faiss).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[test]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lumenvq.demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 tests
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:

@@ -168,6 +168,22 @@ def test_deleted_or_corrupt_shard_file_names_the_shard(tmp_path):
     MemoryStore.open(str(path))
 
 
+def test_lengths_are_read_whole_at_open(tmp_path):
+  path = tmp_path / "store"
+  written, _, lengths, _ = _write(path, "codes_uint8")
+  with pytest.raises(StoreError, match="open it with MemoryStore.open to read it"):
+    written.read([0])  # A store being written has no lengths in memory.
+  store = MemoryStore.open(str(path))
+  lengths_file = path / "lengths" / "c" / "1"
+  data = bytearray(lengths_file.read_bytes())
+  data[0] ^= 0xFF
+  lengths_file.write_bytes(bytes(data))
+  np.testing.assert_array_equal(store.read([20, -1])[1], [lengths[20], 0])  # Read at open.
+  with pytest.raises(StoreError, match=r"shard 1 \(passages 16..31, file lengths/c/1\) "
+                                       r"cannot be read: .*[Dd]igest"):
+    MemoryStore.open(str(path))
+
+
 def test_codebooks_that_do_not_fit_the_codes_are_refused(tmp_path):
   common = dict(kind="codes", num_passages=N, passage_length=LP, fingerprint={},
                 shard_passages=SHARD)
