@@ -13,7 +13,6 @@ import os
 from typing import Callable, Optional
 
 import gin
-import jax
 from absl import logging
 
 from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
