@@ -6,3 +6,22 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin  # pylint: disable=g-import-not-at-top,wrong-import-position  (after XLA_FLAGS)
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def reader_from_gin():
+  """Builds the ReaderModel of gin files + bindings, as the CLIs do, and clears gin after."""
+  from lumenvq import gin_cli, reader_models  # pylint: disable=g-import-not-at-top
+
+  def build(gin_files, bindings):
+    with gin.unlock_config():
+      gin.clear_config()
+      gin_cli.parse_gin(gin_files, bindings)
+      try:
+        return reader_models.ReaderModel()
+      finally:
+        gin.clear_config()
+  return build

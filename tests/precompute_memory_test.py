@@ -17,13 +17,12 @@ import subprocess
 import sys
 import time
 
-import gin
 import jax
 import numpy as np
 import pytest
 
-from lumenvq import (checkpoints, gin_cli, memory_store, optimizers, partitioning,
-                     precompute_memory, reader_models, readers, trainer)
+from lumenvq import (checkpoints, memory_store, optimizers, partitioning, precompute_memory,
+                     readers, trainer)
 from lumenvq.data import demo, kilt, passages, vocab
 from lumenvq.data.passage_table import PassageTable
 from lumenvq.memory_store import MemoryStore
@@ -35,19 +34,15 @@ BINDINGS = ["ReaderConfig.passage_length = 48", "ReaderConfig.codebook_size = 16
 STEP, SHARD = 7, 4  # Small shards: many of them, so a kill lands mid-run.
 
 
-def _model(architecture):
-  """The reader of GIN_FILES + BINDINGS (what the CLI runs build) for `architecture`."""
-  with gin.unlock_config():
-    gin.clear_config()
-    gin_cli.parse_gin(GIN_FILES, BINDINGS + [f"ReaderConfig.architecture = '{architecture}'"])
-    try:
-      return reader_models.ReaderModel()
-    finally:
-      gin.clear_config()
+@pytest.fixture(scope="module")
+def make_model(reader_from_gin):
+  """The reader of GIN_FILES + BINDINGS (what the CLI runs build) for an architecture."""
+  return lambda architecture: reader_from_gin(
+      GIN_FILES, BINDINGS + [f"ReaderConfig.architecture = '{architecture}'"])
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, make_model):
   """Passage table, vocabulary, and a LUMEN-VQ checkpoint at STEP whose codebooks are set
   (random, marked initialized); LUMEN models restore its parameters too."""
   root = tmp_path_factory.mktemp("precompute")
@@ -57,7 +52,7 @@ def world(tmp_path_factory):
   passages.build(source, str(root / "passages"), words=12, progress=False)
   spm = vocab.train_sentencepiece(source, str(root / "vocab" / "spm"), vocab_size=400,
                                   max_sentences=None, threads=1)
-  model = _model("lumen_vq")
+  model = make_model("lumen_vq")
   t = trainer.Trainer(model, optimizers.make_optimizer(), partitioning.make_mesh(),
                       partitioning.standard_logical_axis_rules())
   state = t.init_state()
@@ -73,11 +68,11 @@ def world(tmp_path_factory):
   ckpt.close()
   variables = jax.device_get({"params": state.params, **state.model_state})
   return dict(root=root, passages=str(root / "passages"), vocabulary=spm, model=model,
-              variables=variables, model_dir=str(root / "model"))
+              make_model=make_model, variables=variables, model_dir=str(root / "model"))
 
 
 def _precompute(world, architecture, store, batch_size=16, **kwargs):
-  model = world["model"] if architecture == "lumen_vq" else _model(architecture)
+  model = world["model"] if architecture == "lumen_vq" else world["make_model"](architecture)
   precompute_memory.precompute(
       model_dir=world["model_dir"], model=model, store_path=str(store),
       passages_dir=world["passages"], vocabulary_path=world["vocabulary"],

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, optimizers,
+from lumenvq import (checkpoints, evaluation, input_pipeline, optimizers,
                      partitioning, precompute_memory, reader_models, stored_memory, trainer)
 from lumenvq import eval as eval_lib
 from lumenvq.data import demo, kilt, passages, retrieve, vocab
@@ -30,20 +30,11 @@ BINDINGS = [f"ReaderConfig.num_passages = {K}", f"ReaderConfig.passage_length = 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _model() -> reader_models.ReaderModel:
-  """The tiny LUMEN-VQ reader of the gin files (d = 64: G = 4 subspaces, C = 16 codes)."""
-  with gin.unlock_config():
-    gin.clear_config()
-    gin_cli.parse_gin(["gin_configs/models/tiny.gin", "gin_configs/architectures/lumen_vq.gin"],
-                      BINDINGS)
-    try:
-      return reader_models.ReaderModel()
-    finally:
-      gin.clear_config()
+GIN_FILES = ["gin_configs/models/tiny.gin", "gin_configs/architectures/lumen_vq.gin"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, reader_from_gin):
   """The demo world's files where the demo tasks find them (LUMENVQ_DEMO_DIR), a checkpoint
   at STEP, and the store precompute_memory made from it."""
   root = tmp_path_factory.mktemp("e2e")
@@ -56,7 +47,7 @@ def world(tmp_path_factory):
   nq = kilt.get_task("nq")
   retrieve.run(str(root / "passages"), [os.path.join(data, nq.file(s)) for s in ("train", "dev")],
                str(root / "retrieval"), k=K, progress=False)
-  model = _model()
+  model = reader_from_gin(GIN_FILES, BINDINGS)  # d = 64: G = 4 subspaces, C = 16 codes.
   with pytest.MonkeyPatch.context() as env:
     env.setenv("LUMENVQ_DEMO_DIR", data)
     with gin.unlock_config():
