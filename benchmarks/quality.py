@@ -1,7 +1,7 @@
 """Quality against compression on the demo tasks: FiD, LUMEN, LUMEN-VQ at 16x and 32x and
 LUMEN-Light at 4x, trained with the same recipe, size, steps and seed (gin_configs/demo).
 
-    python benchmarks/quality.py [--out demo_out] [--train_steps 1500] [--vq_steps 300]
+    python benchmarks/quality.py [--out demo_out] [--train_steps 1500] [--vq_steps 200]
 
 Runs the demo's data stages when missing (`lumenvq.demo.prepare_data`), then for each
 model the project's train and eval CLIs: FiD, LUMEN and LUMEN-Light with the demo's

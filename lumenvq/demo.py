@@ -1,6 +1,6 @@
 r"""`make demo`: the whole pipeline on the generated demo world, as resumable stages.
 
-    python -m lumenvq.demo [--out demo_out] [--train_steps 1500] [--vq_steps 300]
+    python -m lumenvq.demo [--out demo_out] [--train_steps 1500] [--vq_steps 200]
 
 Stages: the demo world (KILT files) -> passages -> SentencePiece vocabulary -> BM25
 retrieval (scored with the KILT retrieval metrics) -> LUMEN trained with a curriculum

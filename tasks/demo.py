@@ -9,7 +9,8 @@ the repository root; the files land where the defaults below look):
     python -m lumenvq.data.passages --knowledge_source demo_out/data/kilt_knowledgesource.json \
         --out demo_out/passages --words 28
     python -m lumenvq.data.train_vocab --knowledge_source demo_out/data/kilt_knowledgesource.json \
-        --out demo_out/vocab/spm --vocab_size 2000
+        --out demo_out/vocab/spm --vocab_size 6000 --model_type=bpe --character_coverage=1.0 \
+        --kilt_files=demo_out/data/nq-train-kilt.jsonl,demo_out/data/hotpotqa-train-kilt.jsonl,demo_out/data/fever-train-kilt.jsonl,demo_out/data/structured_zeroshot-train-kilt.jsonl
     python -m lumenvq.data.retrieve --passages demo_out/passages --data_dir demo_out/data \
         --tasks nq,hotpotqa,fever,structured_zeroshot --splits train,dev --out demo_out/retrieval --k 20
 
@@ -31,7 +32,8 @@ from lumenvq.data import demo, kilt, seqio_tasks
 LAYOUT = seqio_tasks.Layout(
     configurable="demo_data", env_var="LUMENVQ_DEMO_DIR", default_data_dir=os.path.join("demo_out", "data"),
     root="..", data_command="python -m lumenvq.data.demo --out {data_dir}", passages_flags=" --words 28",
-    vocab_flags=" --vocab_size 2000")
+    vocab_flags=" --vocab_size 6000 --model_type=bpe --character_coverage=1.0 --kilt_files "
+                + ",".join(f"{{data_dir}}/{t}-train-kilt.jsonl" for t in demo.TASK_NAMES))
 
 
 @gin.configurable

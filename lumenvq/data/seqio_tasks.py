@@ -70,7 +70,7 @@ class Layout:
     root: str
     data_command: str  # {data_dir} {task} {split}
     passages_flags: str = ""
-    vocab_flags: str = ""
+    vocab_flags: str = ""  # {data_dir}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ class TaskData:
             raise FileNotFoundError(
                 f"SentencePiece model {path} not found ({self._setting('vocabulary_path')}); train it with: "
                 f"python -m lumenvq.data.train_vocab --knowledge_source {self.knowledge_source} "
-                f"--out {path.removesuffix('.model')}{self.layout.vocab_flags} (or set "
+                f"--out {path.removesuffix('.model')}{self.layout.vocab_flags.format(data_dir=self.data_dir)} (or set "
                 f"{self.layout.configurable}.vocabulary_path to any SentencePiece .model, such as T5's)")
         return _load_vocabulary(path)
 

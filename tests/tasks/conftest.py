@@ -31,6 +31,6 @@ def demo_out(tmp_path_factory):
   assert [c[2] for c in commands] == ["lumenvq.data.demo", "lumenvq.data.passages", "lumenvq.data.train_vocab",
                                       "lumenvq.data.retrieve"]
   for _, _, module, *args in commands:
-    args = [str(root) + a[len("demo_out"):] if a.startswith("demo_out/") else a for a in args]
+    args = [re.sub(r"(^|[=,])demo_out/", rf"\g<1>{root}/", a) for a in args]
     importlib.import_module(module).main(args + SMALLER[module])
   return root
