@@ -148,6 +148,8 @@ def retrieve_file(index: Bm25Index, table: PassageTable, kilt_file: str, out_pat
         with open(out_path + ".done") as f:
             previous = json.load(f)
         if {key: previous.get(key) for key in done} == done:
+            logger.info("%s is up to date (its .done record matches this input, K and passage table); "
+                        "skipping", out_path)
             return previous["records"]
     count, tmp = 0, out_path + ".tmp"
     bar = tqdm.tqdm(desc=os.path.basename(kilt_file), unit="question", disable=not progress, mininterval=2)

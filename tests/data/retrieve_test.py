@@ -1,5 +1,6 @@
 """BM25 over a tiny corpus, KILT-format output, the saved index, and reading retrieval files."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_answer_passage_ranks_first_and_output_is_kilt_format(world, tmp_path):
     assert ids.dtype == np.int32 and list(ids[3:]) == [-1, -1]  # 3 retrieved, padded to 5
 
 
-def test_index_is_saved_and_reused_and_outputs_resume(world, tmp_path, monkeypatch):
+def test_index_is_saved_and_reused_and_outputs_resume(world, tmp_path, monkeypatch, caplog):
     root, table = world
     args = (str(root / "table"), [str(root / "nq-dev-kilt.jsonl")], str(tmp_path))
     retrieve.run(*args, k=2, progress=False)
@@ -71,8 +72,10 @@ def test_index_is_saved_and_reused_and_outputs_resume(world, tmp_path, monkeypat
         raise AssertionError("the saved index should have been loaded")
 
     monkeypatch.setattr(retrieve.Bm25Index, "build", no_build)
-    retrieve.run(*args, k=2, progress=False)
+    with caplog.at_level(logging.INFO, logger=retrieve.logger.name):
+        retrieve.run(*args, k=2, progress=False)
     assert os.path.getmtime(tmp_path / "nq-dev-bm25-kilt.jsonl") == mtime  # skipped: same input, K, table
+    assert "nq-dev-bm25-kilt.jsonl is up to date" in caplog.text  # and says so
     retrieve.run(*args, k=100, progress=False)  # another K: rewritten, k clamped to the corpus
     assert len(_lines(tmp_path / "nq-dev-bm25-kilt.jsonl")[0]["output"][0]["provenance"]) == len(table)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
