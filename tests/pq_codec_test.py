@@ -93,14 +93,17 @@ def test_residual_layout_and_error_drops():
     pq_codec.decode(codes.reshape(400, 8), codebooks)
 
 
-def test_decode_under_jit_matches_eager():
-  codebooks = _random((4, 256, 8), 10)
-  codes = np.random.default_rng(11).integers(0, 256, (1000, 4)).astype(np.uint8)
+@pytest.mark.parametrize("size", [256, 1024])  # Decode's two gathers: C <= 256 and above.
+def test_decode_under_jit_matches_eager(size):
+  codebooks = _random((4, size, 8), 10)
+  codes = np.random.default_rng(11).integers(0, size, (1000, 4)).astype(pq_codec.code_dtype(size))
   np.testing.assert_array_equal(jax.jit(pq_codec.decode)(codes, codebooks),
                                 pq_codec.decode(codes, codebooks))
+  np.testing.assert_array_equal(pq_codec.decode(codes, codebooks).reshape(1000, 4, 8),
+                                np.asarray(codebooks)[np.arange(4), codes])
   # Inside jit codes cannot be checked: an out-of-range code decodes to NaNs, its
   # neighbours in the same vector and other vectors stay exact.
-  codes = np.array([[1, 2, 3, 4], [5, 6, 300, 7]], np.uint16)
+  codes = np.array([[1, 2, 3, 4], [5, 6, size + 44, 7]], np.uint16)
   got = np.asarray(jax.jit(pq_codec.decode)(codes, codebooks)).reshape(2, 4, 8)
   assert np.isnan(got[1, 2]).all() and not np.isnan(np.delete(got[1], 2, 0)).any()
   np.testing.assert_array_equal(got[0], pq_codec.decode(codes[:1], codebooks).reshape(4, 8))
