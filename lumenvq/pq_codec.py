@@ -164,8 +164,9 @@ def _decode_stage(codes, codebooks) -> jax.Array:
   rows = codes.reshape(-1, g).astype(jnp.int32)
   if c <= 256:
     dim = jnp.arange(g * s, dtype=jnp.int32)
-    code = rows[:, dim // s]  # [n, d]: each output element's code.
-    flat = (dim // s * c + jnp.clip(code, 0, c - 1)) * s + dim % s
+    subspace = dim // s
+    code = rows[:, subspace]  # [n, d]: each output element's code.
+    flat = (subspace * c + jnp.clip(code, 0, c - 1)) * s + dim % s
     out = jnp.asarray(codebooks).reshape(-1).at[flat].get(mode="promise_in_bounds")
     out = jnp.where((code >= 0) & (code < c), out, jnp.nan)
   else:

@@ -33,7 +33,7 @@ LAYOUT = seqio_tasks.Layout(
     configurable="demo_data", env_var="LUMENVQ_DEMO_DIR", default_data_dir=os.path.join("demo_out", "data"),
     root="..", data_command="python -m lumenvq.data.demo --out {data_dir}", passages_flags=" --words 28",
     vocab_flags=" --vocab_size 6000 --model_type=bpe --character_coverage=1.0 --kilt_files "
-                + ",".join(f"{{data_dir}}/{t}-train-kilt.jsonl" for t in demo.TASK_NAMES))
+                + ",".join("{data_dir}/" + kilt.get_task(t).file("train") for t in demo.TASK_NAMES))
 
 
 @gin.configurable
