@@ -14,6 +14,7 @@ setuptools.setup(
         "optax",
         "orbax-checkpoint",
         "tensorstore",
+        "google-crc32c",
         "seqio",
         "gin-config",
         "absl-py",

@@ -35,6 +35,7 @@ import tensorstore as ts
 
 from lumenvq import pq_codec
 from lumenvq.data.passage_table import PassageTable
+from lumenvq.shard_rows import ShardReadError, ShardRowReader
 
 FORMAT_VERSION = 1
 KINDS = ("codes", "vectors")
@@ -194,6 +195,12 @@ class MemoryStore:
                        f"{STORE_JSON} describes them: {e}") from e
     self.codebooks = None
     self._all_lengths = None  # int32 [num_passages] on the host, once `open` has read it.
+    # Random rows of a local uncompressed (codes) store come straight from the shard files.
+    self._row_reader = None
+    if not create and self._kv_spec["driver"] == "file":
+      self._row_reader = ShardRowReader.for_zarr_array(
+          os.path.join(self._kv_spec["path"], "values"),
+          _read_json(self._kv, "values/zarr.json"))
 
   # -- Creation and writing.
 
@@ -375,7 +382,12 @@ class MemoryStore:
     return self._all_lengths
 
   def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-    """values of sorted unique valid rows: one tensorstore read (lengths are in memory)."""
+    """values of sorted unique valid rows: one read (lengths are in memory)."""
+    if self._row_reader is not None:
+      try:
+        return self._row_reader.read(rows)
+      except ShardReadError as e:
+        raise self._unreadable(e.shard, 0, e) from e
     try:
       return self._values.oindex[rows].read().result()
     except ValueError as e:
@@ -390,11 +402,13 @@ class MemoryStore:
       try:
         array.oindex[mine].read().result()
       except ValueError as e:
-        start, stop = self.shard_range(int(shard))
-        raise StoreError(f"memory store {self.path}: shard {shard} (passages {start}.."
-                         f"{stop - 1}, file {self._shard_keys(shard)[which]}) cannot be "
-                         f"read: {e}") from e
+        raise self._unreadable(int(shard), which, e) from e
     raise StoreError(f"memory store {self.path}: read failed: {error}") from error
+
+  def _unreadable(self, shard: int, which: int, error) -> StoreError:
+    start, stop = self.shard_range(shard)
+    return StoreError(f"memory store {self.path}: shard {shard} (passages {start}..{stop - 1}, "
+                      f"file {self._shard_keys(shard)[which]}) cannot be read: {error}")
 
   def read(self, ids) -> tuple:
     """(values [*ids.shape, Lp, W] ([..., Lp, R, G] codes when R > 1), lengths [*ids.shape]).
