@@ -40,7 +40,7 @@ def _crc(data: np.ndarray) -> int:
 
 
 class _Shard:
-  """One shard file: its mapped bytes, each chunk's slot, and which chunks were verified."""
+  """One shard file: its mapped bytes, its chunk index, and which chunks were verified."""
 
   def __init__(self, path: str, index: int, rows: int, chunk_bytes: int):
     self.path, self.index, self.first_row = path, index, index * rows
@@ -69,21 +69,21 @@ class _Shard:
       raise ShardReadError(index, f"shard file {path}: chunk {i} at byte {self.offsets[i]} "
                            f"of {nbytes[i]} bytes does not fit the file or the row size "
                            f"{chunk_bytes} + {CRC_BYTES}")
-    # tensorstore writes the chunks back to back; then chunk i is row slot[i] of a
+    # tensorstore writes the chunks back to back in row order: then chunk i is row i of a
     # [-1, stride] view of the file, and a batch of chunks is one np.take.
-    self.slots = None
-    if np.all(self.offsets[self.present] % self.stride == 0):
-      self.slot = self.offsets // self.stride
-      self.slots = self.data[:self.data.size // self.stride * self.stride].reshape(
-          -1, self.stride)
+    self.in_order = bool(np.array_equal(self.offsets[self.present],
+                                        np.flatnonzero(self.present) * self.stride))
+    self.by_row = self.data[:self.data.size // self.stride * self.stride].reshape(
+        -1, self.stride) if self.in_order else None
     self.verified = np.zeros(rows, bool)
+    self.unverified = rows  # Chunks not verified yet: none left, no check per read.
 
   def copy(self, inner: np.ndarray, out: np.ndarray) -> None:
     """Copies chunks `inner`, each with its crc32c, into `out` (uint8 [len(inner), stride])."""
-    if not self.verified[inner].all():
+    if self.unverified and not self.verified[inner].all():
       self._verify(inner)
-    if self.slots is not None:  # A contiguous source: np.take copies only the rows taken.
-      self.slots.take(self.slot[inner], axis=0, out=out)
+    if self.in_order:  # A contiguous source: np.take copies only the rows taken.
+      self.by_row.take(inner, axis=0, out=out)
     else:  # Another writer's chunk order: one slice per row.
       for j, start in enumerate(self.offsets[inner]):
         out[j] = self.data[start:start + self.stride]
@@ -100,6 +100,7 @@ class _Shard:
         raise ShardReadError(self.index, f"shard file {self.path}: row "
                              f"{self.first_row + int(i)} fails its crc32c check (corrupt)")
       self.verified[i] = True
+      self.unverified -= 1
 
 
 class ShardRowReader:
@@ -159,7 +160,8 @@ class ShardRowReader:
     rows = np.asarray(rows, np.int64)
     out = np.empty((rows.size, self.chunk_bytes + CRC_BYTES), np.uint8)
     shards = rows // self.shard_rows
+    inner = rows - shards * self.shard_rows
     starts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist()] if rows.size else []
     for lo, hi, k in zip(starts, starts[1:] + [rows.size], shards[starts].tolist()):
-      self._shard(k).copy(rows[lo:hi] - k * self.shard_rows, out[lo:hi])
+      self._shard(k).copy(inner[lo:hi], out[lo:hi])
     return out[:, :self.chunk_bytes].view(self.dtype).reshape(rows.size, *self.row_shape)
