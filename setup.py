@@ -1,5 +1,23 @@
 """lumenvq: LUMEN / MEMORY-VQ memory-augmented readers in JAX/Flax, T5X-style."""
+import os
+
 import setuptools
+
+
+def cpu_kernels() -> list:
+  """The PQ decode kernel for XLA:CPU (lumenvq/pq_decode_cpu.py), built against jaxlib's FFI
+  headers (a build requirement in pyproject.toml). Optional: without a C++ compiler the
+  install goes on and CPU decode uses the XLA gather."""
+  try:
+    import jaxlib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return []
+  return [setuptools.Extension(
+      "lumenvq._pq_decode_cpu", sources=["lumenvq/csrc/pq_decode_cpu.cc"],
+      include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include")],
+      extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type"],
+      language="c++", optional=True)]
+
 
 setuptools.setup(
     name="lumenvq",
@@ -8,6 +26,7 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["lumenvq", "lumenvq.*", "tasks", "tasks.*"]),
+    ext_modules=cpu_kernels(),
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

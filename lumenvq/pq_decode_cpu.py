@@ -1,0 +1,75 @@
+"""The CPU kernel of product-quantization decode (csrc/pq_decode_cpu.cc) as a JAX op.
+
+setup.py builds it as the optional extension `lumenvq._pq_decode_cpu` (it needs a C++
+compiler and jaxlib's XLA FFI headers at install time); without it `available()` is False and
+`pq_codec` decodes with the XLA gather everywhere. The op runs on each device's own rows: it
+is partitioned like its input's row axis, with the codebooks replicated, so a data-parallel
+decode stays data-parallel (an FFI call is otherwise replicated, all-gathering the codes).
+"""
+import ctypes
+import functools
+import importlib.util
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+EXTENSION = "lumenvq._pq_decode_cpu"
+TARGET = "lumenvq_pq_decode"
+CODE_DTYPES = (jnp.uint8, jnp.uint16, jnp.int32)  # What the kernel reads without a cast.
+
+
+@functools.cache
+def available() -> bool:
+  """True once the built kernel is registered with XLA for the CPU platform."""
+  spec = importlib.util.find_spec(EXTENSION)
+  if spec is None or not spec.origin:
+    logging.warning("%s is not built (pip install -e . builds it when a C++ compiler is "
+                    "present): PQ decode on CPU uses the slower XLA gather", EXTENSION)
+    return False
+  library = ctypes.CDLL(spec.origin)
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LumenvqPqDecode),
+                              platform="cpu")
+  return True
+
+
+def _kernel(rows, codebooks):
+  g, _, s = codebooks.shape
+  out = jax.ShapeDtypeStruct((rows.shape[0], g * s), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out)(rows, codebooks)
+
+
+def _rows_sharding(mesh, rows_sharding) -> NamedSharding:
+  spec = getattr(rows_sharding, "spec", None)
+  return NamedSharding(mesh, P(spec[0] if spec else None, None))
+
+
+def _partition(mesh, arg_shapes, result_shape):
+  del result_shape
+  rows = _rows_sharding(mesh, arg_shapes[0].sharding)
+  return mesh, _kernel, rows, (rows, NamedSharding(mesh, P()))
+
+
+@custom_partitioning
+def _partitioned(rows, codebooks):
+  return _kernel(rows, codebooks)
+
+
+_partitioned.def_partition(
+    partition=_partition,
+    infer_sharding_from_operands=lambda mesh, args, result: _rows_sharding(
+        mesh, args[0].sharding),
+    sharding_rule="n g, g c s -> n d", need_replication_factors=("g", "c", "s", "d"))
+
+
+def decode_rows(rows, codebooks):
+  """float32 [n, G*s] from codes `rows` [n, G] (CODE_DTYPES) and float32 codebooks
+  [G, C, s]; NaN where a code is out of range. CPU only; no derivative (pq_codec adds it)."""
+  out = _partitioned(rows, codebooks)
+  # Under shard_map the result varies over the mesh axes its inputs vary over, as a gather's
+  # would; the FFI call does not say so itself.
+  varying = tuple(sorted(jax.typeof(rows).manual_axis_type.varying |
+                         jax.typeof(codebooks).manual_axis_type.varying))
+  return jax.lax.pcast(out, varying, to="varying") if varying else out

@@ -1,0 +1,82 @@
+"""pq_decode_cpu: the compiled kernel is built wherever a C++ compiler is; it equals the XLA
+gather bit for bit (NaN for an out-of-range code); sharded over the rows it runs on each
+device's rows with no collective; under shard_map and jax.grad it composes like the gather."""
+import shutil
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lumenvq import pq_codec, pq_decode_cpu
+
+
+def _compiler():
+  return shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+  if not pq_decode_cpu.available():
+    assert _compiler() is None, "a C++ compiler is here but the kernel was not built"
+    pytest.skip("no C++ compiler: the kernel is not built, pq_codec uses the XLA gather")
+
+
+def _case(rng, n, g, c, s, dtype):
+  codebooks = rng.standard_normal((g, c, s)).astype(np.float32)
+  return rng.integers(0, c, (n, g)).astype(dtype), codebooks
+
+
+@pytest.mark.parametrize("g,c,s,dtype", [(4, 256, 8, np.uint8), (3, 1000, 2, np.uint16),
+                                         (2, 300, 12, np.int32), (5, 17, 4, np.uint8),
+                                         (2, 65536, 16, np.uint16), (1, 3, 32, np.int32)])
+def test_kernel_equals_the_gather(g, c, s, dtype):
+  rows, codebooks = _case(np.random.default_rng(g * s), 50, g, c, s, dtype)
+  want = np.concatenate([codebooks[i][rows[:, i]] for i in range(g)], axis=-1)
+  got = jax.jit(pq_decode_cpu.decode_rows)(rows, codebooks)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(pq_codec._gather_rows(jnp.asarray(rows), codebooks), want)
+
+
+def test_out_of_range_codes_give_nan_subvectors():
+  codebooks = np.ones((2, 4, 3), np.float32)
+  rows = np.array([[0, 3], [4, 1], [-1, 2]], np.int32)
+  got = np.asarray(jax.jit(pq_decode_cpu.decode_rows)(rows, codebooks))
+  np.testing.assert_array_equal(np.isnan(got), np.repeat([[0, 0], [1, 0], [1, 0]], 3, axis=1))
+  np.testing.assert_array_equal(np.isnan(got),
+                                np.isnan(pq_codec._gather_rows(jnp.asarray(rows), codebooks)))
+
+
+def test_sharded_rows_decode_on_their_devices():
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  codes, codebooks = _case(np.random.default_rng(0), 64 * 3, 4, 256, 8, np.uint8)
+  codes = codes.reshape(64, 3, 4)
+  decode = jax.jit(pq_codec.decode)
+  args = (jax.device_put(codes, NamedSharding(mesh, P("data"))),
+          jax.device_put(codebooks, NamedSharding(mesh, P())))
+  hlo = decode.lower(*args).compile().as_text()
+  assert pq_decode_cpu.TARGET in hlo
+  for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    assert collective not in hlo
+  out = decode(*args)
+  assert out.sharding.spec[0] == "data"
+  np.testing.assert_array_equal(out, pq_codec._gather_rows(
+      jnp.asarray(codes.reshape(-1, 4)), codebooks).reshape(64, 3, 32))
+
+
+def test_under_shard_map_and_grad_like_the_gather():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  codes, codebooks = _case(np.random.default_rng(1), 32, 4, 256, 8, np.uint8)
+
+  def local(codes, codebooks):
+    return jax.lax.psum((pq_codec.decode(codes, codebooks) ** 2).sum(), "data")
+
+  mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))
+  gathered = (pq_codec._gather_rows(jnp.asarray(codes), codebooks) ** 2).sum()
+  np.testing.assert_allclose(mapped(codes, codebooks), gathered, rtol=1e-5)
+  grad = jax.grad(lambda cb: (pq_codec.decode(codes, cb) ** 2).sum())(codebooks)
+  want = jax.grad(lambda cb: (pq_codec._gather_rows(jnp.asarray(codes), cb) ** 2).sum())(
+      codebooks)
+  np.testing.assert_allclose(grad, want)
