@@ -5,17 +5,21 @@ import setuptools
 
 
 def cpu_kernels() -> list:
-  """The PQ decode kernel for XLA:CPU (lumenvq/pq_decode_cpu.py), built against jaxlib's FFI
-  headers (a build requirement in pyproject.toml). Optional: without a C++ compiler the
-  install goes on and CPU decode uses the XLA gather."""
+  """C++ for the host: the PQ decode kernel for XLA:CPU (lumenvq/pq_decode_cpu.py, built
+  against jaxlib's FFI headers, a build requirement in pyproject.toml) and the shard-row
+  gather of the host reader (lumenvq/shard_rows.py). Optional: without a C++ compiler the
+  install goes on, and both fall back to numpy / the XLA gather."""
+  flags = ["-O3", "-std=c++17"]
+  extensions = [setuptools.Extension("lumenvq._gather_rows", ["lumenvq/csrc/gather_rows.cc"],
+                                     extra_compile_args=flags, language="c++", optional=True)]
   try:
     import jaxlib  # pylint: disable=import-outside-toplevel
   except ImportError:
-    return []
-  return [setuptools.Extension(
+    return extensions
+  return extensions + [setuptools.Extension(
       "lumenvq._pq_decode_cpu", sources=["lumenvq/csrc/pq_decode_cpu.cc"],
       include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include")],
-      extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type"],
+      extra_compile_args=flags + ["-Wno-attributes", "-Wno-return-type"],
       language="c++", optional=True)]
 
 

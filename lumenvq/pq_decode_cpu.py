@@ -9,10 +9,12 @@ decode stays data-parallel (an FFI call is otherwise replicated, all-gathering t
 import ctypes
 import functools
 import importlib.util
+import os
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -35,10 +37,17 @@ def available() -> bool:
   return True
 
 
+def threads_per_device() -> int:
+  """Cores for each CPU device's decode: all of them with one device, one each with a device
+  per core (the kernel's comment says why)."""
+  return max(1, (os.cpu_count() or 1) // jax.local_device_count("cpu"))
+
+
 def _kernel(rows, codebooks):
   g, _, s = codebooks.shape
   out = jax.ShapeDtypeStruct((rows.shape[0], g * s), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(rows, codebooks)
+  return jax.ffi.ffi_call(TARGET, out)(rows, codebooks,
+                                       threads=np.int64(threads_per_device()))
 
 
 def _rows_sharding(mesh, rows_sharding) -> NamedSharding:

@@ -1,6 +1,8 @@
 """pq_decode_cpu: the compiled kernel is built wherever a C++ compiler is; it equals the XLA
-gather bit for bit (NaN for an out-of-range code); sharded over the rows it runs on each
-device's rows with no collective; under shard_map and jax.grad it composes like the gather."""
+gather bit for bit, its rows split over threads (NaN for an out-of-range code); sharded over
+the rows it runs on each device's rows with no collective; under shard_map and jax.grad it
+composes like the gather."""
+import os
 import shutil
 import sysconfig
 
@@ -29,21 +31,45 @@ def _case(rng, n, g, c, s, dtype):
   return rng.integers(0, c, (n, g)).astype(dtype), codebooks
 
 
+def _decode(rows, codebooks):
+  """The kernel under a fresh jit, so it is traced with the current threads_per_device."""
+  return jax.jit(lambda r, c: pq_decode_cpu.decode_rows(r, c))(rows, codebooks)
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request, monkeypatch):
+  monkeypatch.setattr(pq_decode_cpu, "threads_per_device", lambda: request.param)
+
+
 @pytest.mark.parametrize("g,c,s,dtype", [(4, 256, 8, np.uint8), (3, 1000, 2, np.uint16),
                                          (2, 300, 12, np.int32), (5, 17, 4, np.uint8),
                                          (2, 65536, 16, np.uint16), (1, 3, 32, np.int32)])
-def test_kernel_equals_the_gather(g, c, s, dtype):
-  rows, codebooks = _case(np.random.default_rng(g * s), 50, g, c, s, dtype)
+def test_kernel_equals_the_gather(g, c, s, dtype, threads):
+  # 3,000 rows: several blocks of rows, shared by the threads.
+  rows, codebooks = _case(np.random.default_rng(g * s), 3000, g, c, s, dtype)
   want = np.concatenate([codebooks[i][rows[:, i]] for i in range(g)], axis=-1)
-  got = jax.jit(pq_decode_cpu.decode_rows)(rows, codebooks)
+  got = _decode(rows, codebooks)
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(pq_codec._gather_rows(jnp.asarray(rows), codebooks), want)
+
+
+@pytest.mark.parametrize("s", [8, 12])
+def test_large_outputs_streamed_equal_the_gather(s, threads):
+  # >= 8 MB of output: written with non-temporal stores where s is a multiple of 4.
+  rows, codebooks = _case(np.random.default_rng(s), 70_000, 4, 256, s, np.uint8)
+  rows = rows.astype(np.int32)
+  rows[::1001, 1] = 256  # Out of range: NaN subvectors on the streamed path too.
+  got = np.asarray(_decode(rows, codebooks))
+  assert got.nbytes >= 8 << 20
+  want = np.asarray(pq_codec._gather_rows(jnp.asarray(rows), codebooks))
+  np.testing.assert_array_equal(got, want)
+  assert np.isnan(got[::1001, s:2 * s]).all()
 
 
 def test_out_of_range_codes_give_nan_subvectors():
   codebooks = np.ones((2, 4, 3), np.float32)
   rows = np.array([[0, 3], [4, 1], [-1, 2]], np.int32)
-  got = np.asarray(jax.jit(pq_decode_cpu.decode_rows)(rows, codebooks))
+  got = np.asarray(_decode(rows, codebooks))
   np.testing.assert_array_equal(np.isnan(got), np.repeat([[0, 0], [1, 0], [1, 0]], 3, axis=1))
   np.testing.assert_array_equal(np.isnan(got),
                                 np.isnan(pq_codec._gather_rows(jnp.asarray(rows), codebooks)))
@@ -80,3 +106,11 @@ def test_under_shard_map_and_grad_like_the_gather():
   want = jax.grad(lambda cb: (pq_codec._gather_rows(jnp.asarray(codes), cb) ** 2).sum())(
       codebooks)
   np.testing.assert_allclose(grad, want)
+
+
+def test_each_cpu_device_gets_its_share_of_the_cores():
+  # conftest forces 8 CPU devices: one thread each unless there are 16+ cores.
+  assert pq_decode_cpu.threads_per_device() == max(1, os.cpu_count() // 8)
+  lowered = jax.jit(pq_decode_cpu.decode_rows).lower(np.zeros((4, 2), np.uint8),
+                                                     np.zeros((2, 3, 4), np.float32))
+  assert f"threads = {pq_decode_cpu.threads_per_device()}" in lowered.as_text()
