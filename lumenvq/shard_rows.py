@@ -14,7 +14,6 @@ checksum the first time it is read in this process (the store is immutable once 
 as tensorstore's cache assumes too), chunk sizes against the metadata, and a missing chunk
 is an error, never zeros.
 """
-import collections
 import ctypes
 import importlib.util
 import mmap
@@ -59,7 +58,9 @@ def _crc(data: np.ndarray) -> int:
 class _Shard:
   """One shard file: its mapped bytes, its chunk index, and which chunks were verified."""
 
-  def __init__(self, path: str, index: int, rows: int, chunk_bytes: int):
+  def __init__(self, path: str, index: int, rows: int, chunk_bytes: int,
+               verified: np.ndarray):
+    """`verified`: the reader's flags of this shard's rows (it may hold fewer than `rows`)."""
     self.path, self.index, self.first_row = path, index, index * rows
     try:
       with open(path, "rb") as f:
@@ -93,24 +94,22 @@ class _Shard:
     self.by_row = self.data[:self.data.size // self.stride * self.stride].reshape(
         -1, self.stride) if self.in_order else None
     self.base = np.uint64(self.data.ctypes.data)
-    self.verified = np.zeros(rows, bool)
-    self.unverified = rows  # Chunks not verified yet: none left, no check per read.
+    self.verified = verified
+    self.unverified = int((~verified).sum())  # None left: no check per read.
 
   def copy(self, inner: np.ndarray, out: np.ndarray) -> None:
     """Copies chunks `inner`, each with its crc32c, into `out` (uint8 [len(inner), stride])."""
-    if self.unverified and not self.verified[inner].all():
-      self._verify(inner)
+    self.verify(inner)
     if self.in_order:  # A contiguous source: np.take copies only the rows taken.
       self.by_row.take(inner, axis=0, out=out)
     else:  # Another writer's chunk order: one slice per row.
       for j, start in enumerate(self.offsets[inner]):
         out[j] = self.data[start:start + self.stride]
 
-  def addresses(self, inner: np.ndarray) -> np.ndarray:
-    """uint64 host addresses of chunks `inner` (verified first), for the C gather."""
+  def verify(self, inner: np.ndarray) -> None:
+    """Presence and crc32c of the chunks `inner` (those not verified before)."""
     if self.unverified and not self.verified[inner].all():
       self._verify(inner)
-    return self.base + self.offsets[inner].astype(np.uint64)
 
   def _verify(self, inner: np.ndarray) -> None:
     """Presence and crc32c of the chunks `inner` not verified before."""
@@ -137,7 +136,14 @@ class ShardRowReader:
     self.shard_path, self.num_rows, self.shard_rows = shard_path, num_rows, shard_rows
     self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
     self.chunk_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
-    self._open = collections.OrderedDict()  # shard -> _Shard, least recently used first.
+    num_shards = -(-num_rows // shard_rows)
+    self._open = {}  # shard -> _Shard
+    self._used = np.zeros(num_shards, np.int64)  # When each shard was last read (a clock).
+    self._clock = 0
+    # The start address of each open shard written in row order, 0 otherwise; and each
+    # row's checksum verified: with both, a batch needs no Python per shard.
+    self._bases = np.zeros(num_shards, np.uint64)
+    self._verified = np.zeros(num_rows, bool)  # 1 byte a row (lengths take 4).
     self._lock = threading.Lock()  # Readers on several threads share the open shards.
     self._local = threading.local()
 
@@ -167,41 +173,50 @@ class ShardRowReader:
                shape[1:], dtype)
 
   def _shard(self, k: int) -> _Shard:
-    with self._lock:
-      shard = self._open.get(k)
-      if shard is None:
-        shard = _Shard(self.shard_path(k), k, self.shard_rows, self.chunk_bytes)
-        if len(self._open) >= MAX_OPEN_SHARDS:
-          self._open.popitem(last=False)
-        self._open[k] = shard
-      else:
-        self._open.move_to_end(k)
-      return shard
+    """Shard k, opened if needed, evicting the least recently read one (under the lock)."""
+    shard = self._open.get(k)
+    if shard is None:
+      rows = self._verified[k * self.shard_rows:(k + 1) * self.shard_rows]
+      shard = _Shard(self.shard_path(k), k, self.shard_rows, self.chunk_bytes, rows)
+      if len(self._open) >= MAX_OPEN_SHARDS:
+        oldest = min(self._open, key=self._used.__getitem__)
+        del self._open[oldest]
+        self._bases[oldest] = 0
+      self._open[k] = shard
+      if shard.in_order:
+        self._bases[k] = shard.base
+    return shard
 
   def read(self, ids: np.ndarray) -> np.ndarray:
     """[len(ids), *row_shape] for row indices in [0, num_rows), in their order (repeats
     allowed)."""
     ids = np.asarray(ids, np.int64).reshape(-1)
-    order = np.argsort(ids, kind="stable")
-    rows = ids[order]
-    shards = rows // self.shard_rows
-    inner = rows - shards * self.shard_rows
-    starts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist()] if rows.size else []
-    groups = list(zip(starts, starts[1:] + [rows.size], shards[starts].tolist()))
-    out = np.empty((rows.size, self.chunk_bytes), np.uint8)
-    if _GATHER is not None:  # One copy, straight into the order asked.
-      sources = np.empty(rows.size, np.uint64)
-      held = []  # Keeps each shard's map alive even if the cache evicts it meanwhile.
-      for lo, hi, k in groups:
-        held.append(self._shard(k))
-        sources[order[lo:hi]] = held[-1].addresses(inner[lo:hi])
-      _GATHER(sources.ctypes.data, rows.size, self.chunk_bytes, out.ctypes.data)
-    else:  # Sorted into this thread's scratch buffer by shard, then scattered into order.
-      scratch = self._scratch(rows.size)
-      for lo, hi, k in groups:
-        self._shard(k).copy(inner[lo:hi], scratch[lo:hi])
+    shards = ids // self.shard_rows
+    inner = ids - shards * self.shard_rows
+    out = np.empty((ids.size, self.chunk_bytes), np.uint8)
+    with self._lock:  # Also while copying: no shard is unmapped under the copy.
+      self._clock += 1
+      self._used[shards] = self._clock
+      if _GATHER is not None:
+        bases = self._bases[shards]
+        if not (bases.all() and self._verified[ids].all()):  # Open and verify first.
+          for k in np.unique(shards).tolist():
+            self._shard(k).verify(inner[shards == k])
+          bases = self._bases[shards]
+        if bases.all():  # Every shard open and in row order: one copy, in the order asked.
+          sources = bases + inner.astype(np.uint64) * np.uint64(self.chunk_bytes + CRC_BYTES)
+          _GATHER(sources.ctypes.data, ids.size, self.chunk_bytes, out.ctypes.data)
+          return out.view(self.dtype).reshape(ids.size, *self.row_shape)
+      # Without the C gather, or with a shard in another writer's chunk order (or more
+      # shards than stay open): sorted by shard, copied by numpy, scattered into order.
+      order = np.argsort(ids, kind="stable")
+      sorted_shards, sorted_inner = shards[order], inner[order]
+      scratch = self._scratch(ids.size)
+      starts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist()] if ids.size else []
+      for lo, hi, k in zip(starts, starts[1:] + [ids.size], sorted_shards[starts].tolist()):
+        self._shard(k).copy(sorted_inner[lo:hi], scratch[lo:hi])
       out[order] = scratch[:, :self.chunk_bytes]
-    return out.view(self.dtype).reshape(rows.size, *self.row_shape)
+    return out.view(self.dtype).reshape(ids.size, *self.row_shape)
 
   def _scratch(self, n: int) -> np.ndarray:
     """uint8 [n, chunk + crc32c] reused by this thread's reads: a fresh buffer each read cost

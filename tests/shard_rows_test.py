@@ -182,7 +182,8 @@ def test_open_shards_are_bounded(tmp_path, monkeypatch):
   values = _store(tmp_path)
   monkeypatch.setattr(shard_rows, "MAX_OPEN_SHARDS", 2)
   reader = _reader(tmp_path)
-  for rows in (np.arange(N), np.array([1, 44]), np.array([9])):
+  for rows in (np.arange(N), np.array([44]), np.array([1]), np.array([9, 1])):
     np.testing.assert_array_equal(reader.read(rows), values[rows])
     assert len(reader._open) <= 2
-  assert list(reader._open) == [5, 1]  # The least recently used (0) went first.
+  assert sorted(reader._open) == [0, 1]  # Shard 5 was read longest ago: it went first.
+  assert reader._bases[[2, 3, 4, 5]].sum() == 0 and reader._bases[[0, 1]].all()
