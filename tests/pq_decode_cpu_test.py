@@ -54,13 +54,11 @@ def test_kernel_equals_the_gather(g, c, s, dtype, threads):
 
 
 @pytest.mark.parametrize("s", [8, 12])
-def test_large_outputs_streamed_equal_the_gather(s, threads):
-  # >= 8 MB of output: written with non-temporal stores where s is a multiple of 4.
+def test_many_blocks_with_bad_codes_equal_the_gather(s, threads):
   rows, codebooks = _case(np.random.default_rng(s), 70_000, 4, 256, s, np.uint8)
   rows = rows.astype(np.int32)
-  rows[::1001, 1] = 256  # Out of range: NaN subvectors on the streamed path too.
+  rows[::1001, 1] = 256  # Out of range, in every block of rows: NaN subvectors.
   got = np.asarray(_decode(rows, codebooks))
-  assert got.nbytes >= 8 << 20
   want = np.asarray(pq_codec._gather_rows(jnp.asarray(rows), codebooks))
   np.testing.assert_array_equal(got, want)
   assert np.isnan(got[::1001, s:2 * s]).all()
