@@ -4,7 +4,8 @@ setup.py builds it as the optional extension `lumenvq._pq_decode_cpu` (it needs 
 compiler and jaxlib's XLA FFI headers at install time); without it `available()` is False and
 `pq_codec` decodes with the XLA gather everywhere. The op runs on each device's own rows: it
 is partitioned like its input's row axis, with the codebooks replicated, so a data-parallel
-decode stays data-parallel (an FFI call is otherwise replicated, all-gathering the codes).
+decode stays data-parallel (an FFI call is otherwise replicated, all-gathering the codes);
+under vmap, batched codes are more rows and batched codebooks a call each.
 """
 import ctypes
 import functools
@@ -73,6 +74,7 @@ _partitioned.def_partition(
     sharding_rule="n g, g c s -> n d", need_replication_factors=("g", "c", "s", "d"))
 
 
+@jax.custom_batching.custom_vmap
 def decode_rows(rows, codebooks):
   """float32 [n, G*s] from codes `rows` [n, G] (CODE_DTYPES) and float32 codebooks
   [G, C, s]; NaN where a code is out of range. CPU only; no derivative (pq_codec adds it)."""
@@ -82,3 +84,15 @@ def decode_rows(rows, codebooks):
   varying = tuple(sorted(jax.typeof(rows).manual_axis_type.varying |
                          jax.typeof(codebooks).manual_axis_type.varying))
   return jax.lax.pcast(out, varying, to="varying") if varying else out
+
+
+@decode_rows.def_vmap
+def _decode_rows_vmap(axis_size, in_batched, rows, codebooks):
+  """Batched rows are more rows; batched codebooks take a call each."""
+  rows_batched, books_batched = in_batched
+  if books_batched:
+    if not rows_batched:
+      rows = jnp.broadcast_to(rows, (axis_size, *rows.shape))
+    return jax.lax.map(lambda pair: decode_rows(*pair), (rows, codebooks)), True
+  out = decode_rows(rows.reshape(-1, rows.shape[-1]), codebooks)
+  return out.reshape(*rows.shape[:2], -1), True

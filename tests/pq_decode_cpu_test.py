@@ -26,6 +26,10 @@ def kernel():
     pytest.skip("no C++ compiler: the kernel is not built, pq_codec uses the XLA gather")
 
 
+def _gather(rows, codebooks):
+  return pq_codec._gather_rows(jnp.asarray(rows), codebooks)
+
+
 def _case(rng, n, g, c, s, dtype):
   codebooks = rng.standard_normal((g, c, s)).astype(np.float32)
   return rng.integers(0, c, (n, g)).astype(dtype), codebooks
@@ -112,3 +116,16 @@ def test_each_cpu_device_gets_its_share_of_the_cores():
   lowered = jax.jit(pq_decode_cpu.decode_rows).lower(np.zeros((4, 2), np.uint8),
                                                      np.zeros((2, 3, 4), np.float32))
   assert f"threads = {pq_decode_cpu.threads_per_device()}" in lowered.as_text()
+
+
+def test_vmap_over_codes_and_over_codebooks():
+  rng = np.random.default_rng(2)
+  codes, codebooks = _case(rng, 30, 4, 256, 8, np.uint8)
+  codes = codes.reshape(3, 10, 4)
+  books = rng.standard_normal((3, 4, 256, 8)).astype(np.float32)
+  got = jax.jit(jax.vmap(pq_codec.decode, in_axes=(0, None)))(codes, codebooks)
+  np.testing.assert_array_equal(got, np.stack([_gather(c, codebooks) for c in codes]))
+  got = jax.vmap(pq_codec.decode)(codes, books)
+  np.testing.assert_array_equal(got, np.stack([_gather(c, b) for c, b in zip(codes, books)]))
+  got = jax.vmap(pq_codec.decode, in_axes=(None, 0))(codes[0], books)
+  np.testing.assert_array_equal(got, np.stack([_gather(codes[0], b) for b in books]))
