@@ -5,9 +5,10 @@ vectors and measured on the same held-out vectors:
 
 * relative reconstruction MSE  sum ||x - decode(encode(x))||^2 / sum ||x||^2,
 * encode and decode throughput (vectors/s; lumenvq jit-compiled, compile excluded,
-  block_until_ready; best of --repeats, of --decode-repeats for decode). FAISS decodes on every core (OpenMP); lumenvq's
-  decode is measured as the reader runs it, data-parallel over the host's devices (on CPU one
-  device per core, --xla_force_host_platform_device_count), and on one device alone.
+  block_until_ready; best of --repeats, decode as `decode_times` says). FAISS decodes on
+  every core (OpenMP); lumenvq's decode is measured as the reader runs it, data-parallel over
+  the host's devices (on CPU one device per core, --xla_force_host_platform_device_count),
+  and on one device alone.
 
 lumenvq trains as it would inside a model, minus the model: k-means++ seeding from the first
 batch (+ optional Lloyd iterations on it), then EMA steps over shuffled batches.
@@ -73,6 +74,24 @@ def best_times(fns: dict, repeats: int) -> dict:
   return best
 
 
+def decode_times(decode, split, books, codes, cb, pq, fcodes, args) -> dict:
+  """Best decode times of ours (data-parallel and on one device) and FAISS's.
+
+  A decode takes under a millisecond here, and one process's rate at one buffer placement
+  can sit 2x off its best for every repeat (both libraries; ours more): so the best over
+  --decode-rounds rounds, each decoding fresh copies of the codes --decode-repeats times.
+  """
+  best = {}
+  for _ in range(args.decode_rounds):
+    mine, theirs = jax.device_put(split, split.sharding), np.array(fcodes)
+    one = jax.device_put(np.asarray(codes))
+    round_best = best_times({"ours_dec": lambda: decode(mine, books),
+                             "ours_dec_1": lambda: decode(one, cb),
+                             "faiss_dec": lambda: pq.decode(theirs)}, args.decode_repeats)
+    best = {k: min(v, best.get(k, v)) for k, v in round_best.items()}
+  return best
+
+
 def rel_mse(x, y) -> float:
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   return float(((x - y) ** 2).sum() / (x ** 2).sum())
@@ -130,10 +149,7 @@ def run_setting(name, train, evals, g, bits, args):
                   jax.device_put(cb, NamedSharding(mesh, P())))
   t = best_times({"ours_enc": lambda: encode(xe[:n], cb),
                   "faiss_enc": lambda: pq.compute_codes(evals[:n])}, args.repeats)
-  # A decode takes ~1 ms here, where a scheduler hiccup is as long: more turns for its best.
-  t.update(best_times({"ours_dec": lambda: decode(split, books),
-                       "ours_dec_1": lambda: decode(codes[:n], cb),
-                       "faiss_dec": lambda: pq.decode(fcodes[:n])}, args.decode_repeats))
+  t.update(decode_times(decode, split, books, codes[:n], cb, pq, fcodes[:n], args))
   ours.update(encode_s=t["ours_enc"], decode_s=t["ours_dec"], decode_1_device_s=t["ours_dec_1"],
               decode_devices=mesh.size)
   theirs.update(encode_s=t["faiss_enc"], decode_s=t["faiss_dec"])
@@ -228,7 +244,8 @@ def main():
   p.add_argument("--init-rounds", type=int, default=256)
   p.add_argument("--chunk-size", type=int, default=pq_codec.DEFAULT_CHUNK_SIZE)
   p.add_argument("--repeats", type=int, default=10)
-  p.add_argument("--decode-repeats", type=int, default=50)
+  p.add_argument("--decode-repeats", type=int, default=20)
+  p.add_argument("--decode-rounds", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(RESULTS / "pq_vs_faiss"))
   args = p.parse_args()
