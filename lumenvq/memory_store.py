@@ -417,7 +417,7 @@ class MemoryStore:
   def read(self, ids) -> tuple:
     """(values [*ids.shape, Lp, W] ([..., Lp, R, G] codes when R > 1), lengths [*ids.shape]).
 
-    Id -1 is "no passage": zeros and length 0. Repeated ids are read once.
+    Id -1 is "no passage": zeros and length 0. Ids may repeat, in any order.
     """
     ids = np.asarray(ids)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):

@@ -163,9 +163,9 @@ def _decode_stage(codes, codebooks) -> jax.Array:
 
 @jax.custom_jvp
 def _decode_rows(rows, codebooks) -> jax.Array:
-  """[n, G*s] from codes [n, G]: on CPU the compiled kernel (pq_decode_cpu: FAISS's loop, 1.5-3x
-  FAISS's decode data-parallel over 2 CPU devices, where the XLA gather reached 0.5-0.7) when
-  it is built, elsewhere the XLA gather."""
+  """[n, G*s] from codes [n, G]: on CPU the compiled kernel (pq_decode_cpu: FAISS's loop,
+  1.1-1.3x FAISS's decode in benchmarks/pq_vs_faiss.py, where the XLA gather reached 0.5-0.7)
+  when it is built, elsewhere the XLA gather."""
   if codebooks.dtype == jnp.float32 and pq_decode_cpu.available():
     if rows.dtype not in pq_decode_cpu.CODE_DTYPES:
       rows = rows.astype(jnp.int32)
