@@ -7,19 +7,17 @@ is partitioned like its input's row axis, with the codebooks replicated, so a da
 decode stays data-parallel (an FFI call is otherwise replicated, all-gathering the codes);
 under vmap, batched codes are more rows and batched codebooks a call each.
 """
-import ctypes
 import functools
-import importlib.util
 import os
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-EXTENSION = "lumenvq._pq_decode_cpu"
+from lumenvq import native
+
 TARGET = "lumenvq_pq_decode"
 CODE_DTYPES = (jnp.uint8, jnp.uint16, jnp.int32)  # What the kernel reads without a cast.
 
@@ -27,13 +25,10 @@ CODE_DTYPES = (jnp.uint8, jnp.uint16, jnp.int32)  # What the kernel reads withou
 @functools.cache
 def available() -> bool:
   """True once the built kernel is registered with XLA for the CPU platform."""
-  spec = importlib.util.find_spec(EXTENSION)
-  if spec is None or not spec.origin:
-    logging.warning("%s is not built (pip install -e . builds it when a C++ compiler is "
-                    "present): PQ decode on CPU uses the slower XLA gather", EXTENSION)
+  built = native.library("_pq_decode_cpu", "PQ decode on CPU uses the slower XLA gather")
+  if built is None:
     return False
-  library = ctypes.CDLL(spec.origin)
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LumenvqPqDecode),
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(built.LumenvqPqDecode),
                               platform="cpu")
   return True
 

@@ -15,7 +15,6 @@ as tensorstore's cache assumes too), chunk sizes against the metadata, and a mis
 is an error, never zeros.
 """
 import ctypes
-import importlib.util
 import mmap
 import os
 import threading
@@ -24,6 +23,8 @@ from typing import Optional
 import google_crc32c
 import numpy as np
 
+from lumenvq import native
+
 CRC_BYTES = 4
 _MISSING = np.uint64(2**64 - 1)  # The index's (offset, nbytes) of a chunk never written.
 MAX_OPEN_SHARDS = 256  # Each open shard holds a file descriptor (an mmap dups it).
@@ -31,10 +32,10 @@ MAX_OPEN_SHARDS = 256  # Each open shard holds a file descriptor (an mmap dups i
 
 def _load_gather():
   """lumenvq_gather_rows (csrc/gather_rows.cc) when setup.py built it, else None (numpy)."""
-  spec = importlib.util.find_spec("lumenvq._gather_rows")
-  if spec is None or not spec.origin:
+  built = native.library("_gather_rows", "host reads copy twice, through numpy")
+  if built is None:
     return None
-  gather = ctypes.CDLL(spec.origin).lumenvq_gather_rows
+  gather = built.lumenvq_gather_rows
   gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
   gather.restype = None
   return gather
@@ -107,12 +108,9 @@ class _Shard:
         out[j] = self.data[start:start + self.stride]
 
   def verify(self, inner: np.ndarray) -> None:
-    """Presence and crc32c of the chunks `inner` (those not verified before)."""
-    if self.unverified and not self.verified[inner].all():
-      self._verify(inner)
-
-  def _verify(self, inner: np.ndarray) -> None:
     """Presence and crc32c of the chunks `inner` not verified before."""
+    if not self.unverified:
+      return
     for i in inner[~self.verified[inner]]:
       if not self.present[i]:
         raise ShardReadError(self.index, f"shard file {self.path}: no chunk for row "

@@ -1,5 +1,7 @@
 """Test setup: 8 virtual CPU devices so meshes (4x2, 2x4, 8x1) can be exercised."""
 import os
+import shutil
+import sysconfig
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,6 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import gin  # pylint: disable=g-import-not-at-top,wrong-import-position  (after XLA_FLAGS)
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def cxx_compiler():
+  """The C++ compiler setup.py would build lumenvq/csrc with, or None: where there is one,
+  tests of the native paths require them built rather than skip."""
+  return shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0])
 
 
 @pytest.fixture(scope="session")

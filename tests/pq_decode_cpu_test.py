@@ -3,8 +3,6 @@ gather bit for bit, its rows split over threads (NaN for an out-of-range code); 
 the rows it runs on each device's rows with no collective; under shard_map and jax.grad it
 composes like the gather."""
 import os
-import shutil
-import sysconfig
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +13,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lumenvq import pq_codec, pq_decode_cpu
 
 
-def _compiler():
-  return shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0])
-
-
 @pytest.fixture(scope="module", autouse=True)
-def kernel():
+def kernel(cxx_compiler):
   if not pq_decode_cpu.available():
-    assert _compiler() is None, "a C++ compiler is here but the kernel was not built"
+    assert cxx_compiler is None, "a C++ compiler is here but the kernel was not built"
     pytest.skip("no C++ compiler: the kernel is not built, pq_codec uses the XLA gather")
 
 

@@ -3,8 +3,6 @@ tensorstore's reads of the same store; the layouts it does not know are left to 
 a corrupt chunk or index, a chunk missing from the index, a truncated or deleted file each
 name the file and the row."""
 import json
-import shutil
-import sysconfig
 
 import google_crc32c
 import numpy as np
@@ -18,12 +16,12 @@ N, LP, SHARD = 45, 3, 8  # 6 shards, the last one partial.
 
 
 @pytest.fixture(autouse=True, params=["C gather", "numpy"])
-def gather(request, monkeypatch):
+def gather(request, monkeypatch, cxx_compiler):
   """Every test on both copy paths: the built C gather and numpy's (no compiler)."""
   if request.param == "numpy":
     monkeypatch.setattr(shard_rows, "_GATHER", None)
   elif shard_rows._GATHER is None:
-    assert shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0]) is None, (
+    assert cxx_compiler is None, (
         "a C++ compiler is here but lumenvq._gather_rows was not built")
     pytest.skip("no C++ compiler: lumenvq._gather_rows is not built")
 
