@@ -11,7 +11,9 @@ def cpu_kernels() -> list:
   install goes on, and both fall back to numpy / the XLA gather."""
   flags = ["-O3", "-std=c++17"]
   extensions = [setuptools.Extension("lumenvq._gather_rows", ["lumenvq/csrc/gather_rows.cc"],
-                                     extra_compile_args=flags, language="c++", optional=True)]
+                                     extra_compile_args=flags + ["-pthread"],
+                                     extra_link_args=["-pthread"], language="c++",
+                                     optional=True)]
   try:
     import jaxlib  # pylint: disable=import-outside-toplevel
   except ImportError:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -381,21 +381,36 @@ class MemoryStore:
                        "(a store being written has no lengths in memory)")
     return self._all_lengths
 
-  def _read_ids(self, ids: np.ndarray) -> np.ndarray:
-    """values of valid passage ids, in their order: one read (lengths are in memory)."""
-    if self._row_reader is not None:
+  def _values_of(self, ids: np.ndarray, ahead: bool) -> Callable[[], np.ndarray]:
+    """values [len(ids), Lp, W] of valid passage ids, in their order, as a call that gives
+    them: read now, or (`ahead`) begun on a native thread, the shard files' copy thread or
+    tensorstore's (lengths are in memory)."""
+    reader = self._row_reader
+    if reader is not None and (not ahead or reader.reads_ahead()):
       try:
-        return self._row_reader.read(ids)
+        rows = reader.start(ids) if ahead else reader.read(ids)
       except ShardReadError as e:
         raise self._unreadable(e.shard, 0, e) from e
+      return rows.result if ahead else lambda: rows
     # Sorted unique rows, then reordered: faster than reading the ids in their order (by
     # ~20% for 640 random 4 KB rows and ~25% for 64 random 128 KB rows, reordering copy
     # included; benchmarks/memory_store.py's stores).
     rows, inverse = np.unique(ids, return_inverse=True)
+
+    def result():
+      try:
+        return future.result()[inverse]
+      except ValueError as e:
+        self._raise_unreadable(rows, e, which=0)
+
     try:
-      return self._values.oindex[rows].read().result()[inverse]
+      future = self._values.oindex[rows].read()
     except ValueError as e:
       self._raise_unreadable(rows, e, which=0)
+    if ahead:
+      return result
+    values = result()
+    return lambda: values
 
   def _raise_unreadable(self, rows, error, which: int):
     """Names the first shard whose sorted `rows` fail to read from values (`which` 0) or
@@ -419,25 +434,35 @@ class MemoryStore:
 
     Id -1 is "no passage": zeros and length 0. Ids may repeat, in any order.
     """
+    return self._begin(ids, ahead=False).result()
+
+  def start_read(self, ids) -> "PendingRead":
+    """`read(ids)` begun now and given by `.result()`: the rows are copied on a native thread
+    meanwhile, so a caller reads ahead without a Python thread of its own. Bad ids raise
+    here; a shard that fails to read raises here or from `result()`."""
+    return self._begin(ids, ahead=True)
+
+  def _begin(self, ids, ahead: bool) -> "PendingRead":
     ids = np.asarray(ids)
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+    if ids.size and ids.dtype.kind not in "iu":
       raise StoreError(f"memory store {self.path}: passage ids of dtype {ids.dtype}, "
                        "expected integers")
     flat = ids.reshape(-1).astype(np.int64)
-    bad = flat[(flat < -1) | (flat >= self.num_passages)]
-    if bad.size:
+    lowest, highest = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
+    if lowest < -1 or highest >= self.num_passages:
+      bad = flat[(flat < -1) | (flat >= self.num_passages)]
       raise StoreError(f"memory store {self.path}: passage id {bad[0]} is out of range: the "
                        f"store has num_passages={self.num_passages} (ids 0.."
                        f"{self.num_passages - 1}; -1 means no passage)")
+    shape = self._shape(ids.shape)
+    if flat.size and lowest >= 0:  # Every id a passage: no masking.
+      lengths = self._host_lengths()[flat].reshape(ids.shape)
+      return PendingRead(self._values_of(flat, ahead), lengths, shape)
     present = flat >= 0
-    lengths = np.where(present, self._host_lengths()[flat], 0)  # int32; -1: 0.
-    if flat.size and present.all():
-      values = self._read_ids(flat)
-    else:
-      values = np.zeros((flat.size, self.passage_length, self.width), self.dtype)
-      if present.any():
-        values[present] = self._read_ids(flat[present])
-    return values.reshape(self._shape(ids.shape)), lengths.reshape(ids.shape)
+    lengths = np.where(present, self._host_lengths()[flat], 0).reshape(ids.shape)  # -1: 0.
+    empty = np.zeros((0, self.passage_length, self.width), self.dtype)
+    rows = self._values_of(flat[present], ahead) if present.any() else lambda: empty
+    return PendingRead(rows, lengths, shape, present)
 
   def read_range(self, start, stop) -> tuple:
     """Rows [start, stop) in order (e.g. to load a device-resident table)."""
@@ -462,6 +487,23 @@ class MemoryStore:
       raise StoreError(f"memory store {self.path}: bytes_on_disk measures local stores only")
     return sum(os.path.getsize(os.path.join(root, f))
                for root, _, files in os.walk(self._kv_spec["path"]) for f in files)
+
+
+class PendingRead:
+  """A `MemoryStore.read` in flight (`start_read`); `result()` gives (values, lengths)."""
+
+  def __init__(self, rows: Callable[[], np.ndarray], lengths: np.ndarray, shape: tuple,
+               present: Optional[np.ndarray] = None):
+    """`rows()`: the values of the ids that are passages (`present`; None: every id)."""
+    self._rows, self._lengths, self._shape, self._present = rows, lengths, shape, present
+
+  def result(self) -> tuple:
+    values = self._rows()
+    if self._present is not None:  # Ids -1: zero rows.
+      full = np.zeros((self._present.size, *values.shape[1:]), values.dtype)
+      full[self._present] = values
+      values = full
+    return values.reshape(self._shape), self._lengths
 
 
 def _read_json(kv, key: str) -> Optional[dict]:

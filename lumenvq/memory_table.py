@@ -8,12 +8,12 @@ N / D rows). Each process reads only the rows of its own devices (`load`).
 
 `gather` runs under shard_map: every device looks up the ids it owns (local index = id -
 its offset), writes zeros for the others, and the devices' answers are summed. Exactly one
-device owns a valid id, so the sum is that device's row plus zeros: exact for integer codes
-and for float vectors alike (x + 0 == x), with no one-hot mask or all-gather of candidates.
-The sum over the batch axis is a reduce-scatter, so each device receives only its batch rows
-(half the traffic of an all-reduce); the other table axes are all-reduced. An id owned by no
-device (-1, or one past the table, which jit cannot raise on: use `check_ids` on the host)
-gives zeros and length 0.
+device owns a valid id, and rows travel as unsigned integer words where their bytes allow
+(`_words`), so the sum is that device's row bit for bit (a float sum would turn -0.0 into
+0.0), with no one-hot mask or all-gather of candidates. The sum over the batch axis is a
+reduce-scatter, so each device receives only its batch rows (half the traffic of an
+all-reduce); the other table axes are all-reduced. An id owned by no device (-1, or one past
+the table, which jit cannot raise on: use `check_ids` on the host) gives zeros and length 0.
 """
 from typing import Any, Optional
 
@@ -83,24 +83,41 @@ def load(store, mesh, rules) -> MemoryTable:
   return MemoryTable(values, lengths, n, mesh, axes)
 
 
+def _words(block):
+  """block [rows, ..., w] with each row's trailing bytes bitcast to uint32 words, when they
+  fill whole words (else block itself). XLA:CPU's collectives reduce element by element, so
+  uint8 codes cost 4x the words' time; and adding integer words keeps every bit of a float
+  row (a float sum turns -0.0 into 0.0)."""
+  size = block.dtype.itemsize
+  if block.ndim < 2 or size > 4 or block.shape[-1] * size % 4:
+    return block
+  if size < 4:
+    block = block.reshape(*block.shape[:-1], block.shape[-1] * size // 4, 4 // size)
+  return jax.lax.bitcast_convert_type(block, jnp.uint32)
+
+
 def _gather_rows(table: MemoryTable, array, ids, scatter: bool):
   """Rows `array[ids]` (zeros for ids no device owns) as [*ids.shape, *row_shape]."""
-  axes = table.axes
+  # A mesh axis of size 1 splits nothing, but a psum over it is still a collective on
+  # XLA:CPU (a copy and a rendezvous of every device, as costly as the reduce-scatter).
+  axes = tuple(a for a in table.axes if table.mesh.shape[a] > 1)
+  summed = tuple(a for a in axes if not (scatter and a == BATCH_MESH_AXIS))
 
   def local(block, ids):
-    rows = block.shape[0]
+    words = _words(block)
+    rows = words.shape[0]
     offset = jax.lax.axis_index(axes) * rows if axes else 0
     index = ids - offset
     owned = (index >= 0) & (index < rows)
-    found = jnp.take(block, jnp.clip(index, 0, rows - 1), axis=0)
+    found = jnp.take(words, jnp.clip(index, 0, rows - 1), axis=0, mode="clip")
     owned = owned.reshape(owned.shape + (1,) * (found.ndim - owned.ndim))
     found = jnp.where(owned, found, jnp.zeros((), found.dtype))
-    rest = tuple(a for a in axes if not (scatter and a == BATCH_MESH_AXIS))
-    if rest:
-      found = jax.lax.psum(found, rest)
+    if summed:
+      found = jax.lax.psum(found, summed)
     if scatter:
       found = jax.lax.psum_scatter(found, BATCH_MESH_AXIS, scatter_dimension=0, tiled=True)
-    return found
+    found = jax.lax.bitcast_convert_type(found, block.dtype)
+    return found.reshape(found.shape[:ids.ndim] + block.shape[1:])
 
   out = P(BATCH_MESH_AXIS) if scatter else P()
   return jax.shard_map(local, mesh=table.mesh, in_specs=(P(axes or None), P()),

@@ -33,17 +33,19 @@ def available() -> bool:
   return True
 
 
-def threads_per_device() -> int:
-  """Cores for each CPU device's decode: all of them with one device, one each with a device
-  per core (the kernel's comment says why)."""
-  return max(1, (os.cpu_count() or 1) // jax.local_device_count("cpu"))
+def threads_per_device(devices: int) -> int:
+  """Cores for each CPU device's decode when the decode runs on `devices` devices at once:
+  all of them on one device, one each with a device per core (the kernel's comment says
+  why). Devices beyond this process's CPU devices are other hosts' cores."""
+  here = min(max(devices, 1), jax.local_device_count("cpu"))
+  return max(1, (os.cpu_count() or 1) // here)
 
 
-def _kernel(rows, codebooks):
+def _kernel(rows, codebooks, devices: int):
   g, _, s = codebooks.shape
   out = jax.ShapeDtypeStruct((rows.shape[0], g * s), jnp.float32)
   return jax.ffi.ffi_call(TARGET, out)(rows, codebooks,
-                                       threads=np.int64(threads_per_device()))
+                                       threads=np.int64(threads_per_device(devices)))
 
 
 def _rows_sharding(mesh, rows_sharding) -> NamedSharding:
@@ -54,12 +56,14 @@ def _rows_sharding(mesh, rows_sharding) -> NamedSharding:
 def _partition(mesh, arg_shapes, result_shape):
   del result_shape
   rows = _rows_sharding(mesh, arg_shapes[0].sharding)
-  return mesh, _kernel, rows, (rows, NamedSharding(mesh, P()))
+  lower = functools.partial(_kernel, devices=mesh.size)
+  return mesh, lower, rows, (rows, NamedSharding(mesh, P()))
 
 
 @custom_partitioning
 def _partitioned(rows, codebooks):
-  return _kernel(rows, codebooks)
+  # Not partitioned: one device (its mesh empty), or each device of a shard_map's mesh.
+  return _kernel(rows, codebooks, jax.sharding.get_abstract_mesh().size)
 
 
 _partitioned.def_partition(

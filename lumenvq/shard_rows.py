@@ -6,8 +6,10 @@ same codes (benchmarks/memory_store.py). For the layout `memory_store` writes fo
 on a local disk (one uncompressed inner chunk per row, each followed by its crc32c; a
 crc32c-checked index of (offset, nbytes) pairs at the end of the shard file), a row is a
 byte range of a memory-mapped file: a batch is one copy from the addresses of its rows
-(csrc/gather_rows.cc, built by setup.py), or without a compiler a numpy gather per shard and
-a reordering copy. Anything else (compressed vector stores, `gs://`) stays with tensorstore.
+(csrc/gather_rows.cc, built by setup.py), made now (`read`) or on a copy thread of the
+reader's own (`start`: the host reader's read-ahead, without a Python thread); without a
+compiler, a numpy gather per shard and a reordering copy, made now. Anything else (compressed
+vector stores, `gs://`) stays with tensorstore.
 
 The checks tensorstore makes stay: the index checksum when a shard is opened, each chunk's
 checksum the first time it is read in this process (the store is immutable once COMPLETE,
@@ -18,6 +20,7 @@ import ctypes
 import mmap
 import os
 import threading
+import weakref
 from typing import Optional
 
 import google_crc32c
@@ -30,18 +33,25 @@ _MISSING = np.uint64(2**64 - 1)  # The index's (offset, nbytes) of a chunk never
 MAX_OPEN_SHARDS = 256  # Each open shard holds a file descriptor (an mmap dups it).
 
 
-def _load_gather():
-  """lumenvq_gather_rows (csrc/gather_rows.cc) when setup.py built it, else None (numpy)."""
-  built = native.library("_gather_rows", "host reads copy twice, through numpy")
+def _load_native() -> Optional[ctypes.CDLL]:
+  """csrc/gather_rows.cc when setup.py built it, else None (numpy copies, synchronously)."""
+  built = native.library("_gather_rows", "host reads copy twice, through numpy, and read "
+                         "ahead through tensorstore")
   if built is None:
     return None
-  gather = built.lumenvq_gather_rows
-  gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-  gather.restype = None
-  return gather
+  pointer, size = ctypes.c_void_p, ctypes.c_int64
+  # ids, n, num_rows, shard_rows, bases, verified, used, clock, stride, row_bytes, out
+  located = [pointer, size, size, size, pointer, pointer, pointer, size, size, size, pointer]
+  built.lumenvq_gather_rows.argtypes, built.lumenvq_gather_rows.restype = located, size
+  built.lumenvq_gather_start.argtypes = [pointer, *located, pointer]  # worker, ..., ticket
+  built.lumenvq_gather_start.restype = size
+  built.lumenvq_worker_new.restype = pointer
+  built.lumenvq_worker_wait.argtypes = [pointer, size]
+  built.lumenvq_worker_free.argtypes = [pointer]
+  return built
 
 
-_GATHER = _load_gather()
+_NATIVE = _load_native()
 
 
 class ShardReadError(ValueError):
@@ -143,7 +153,11 @@ class ShardRowReader:
     self._bases = np.zeros(num_shards, np.uint64)
     self._verified = np.zeros(num_rows, bool)  # 1 byte a row (lengths take 4).
     self._lock = threading.Lock()  # Readers on several threads share the open shards.
+    # What the C gather reads and stamps, as addresses (the arrays are never reallocated).
+    self._c_state = (self._bases.ctypes.data, self._verified.ctypes.data,
+                     self._used.ctypes.data)
     self._local = threading.local()
+    self._worker, self._worker_pid, self._tickets = None, None, 0  # The copy thread (`start`).
 
   @classmethod
   def for_zarr_array(cls, directory: str, metadata: dict) -> Optional["ShardRowReader"]:
@@ -178,6 +192,8 @@ class ShardRowReader:
       shard = _Shard(self.shard_path(k), k, self.shard_rows, self.chunk_bytes, rows)
       if len(self._open) >= MAX_OPEN_SHARDS:
         oldest = min(self._open, key=self._used.__getitem__)
+        if self._worker_pid == os.getpid():  # Copies in flight may read it: let them end.
+          _NATIVE.lumenvq_worker_wait(self._worker, self._tickets - 1)
         del self._open[oldest]
         self._bases[oldest] = 0
       self._open[k] = shard
@@ -188,33 +204,89 @@ class ShardRowReader:
   def read(self, ids: np.ndarray) -> np.ndarray:
     """[len(ids), *row_shape] for row indices in [0, num_rows), in their order (repeats
     allowed)."""
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    shards = ids // self.shard_rows
-    inner = ids - shards * self.shard_rows
+    ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
     out = np.empty((ids.size, self.chunk_bytes), np.uint8)
     with self._lock:  # Also while copying: no shard is unmapped under the copy.
       self._clock += 1
-      self._used[shards] = self._clock
-      if _GATHER is not None:
-        bases = self._bases[shards]
-        if not (bases.all() and self._verified[ids].all()):  # Open and verify first.
-          for k in np.unique(shards).tolist():
-            self._shard(k).verify(inner[shards == k])
-          bases = self._bases[shards]
-        if bases.all():  # Every shard open and in row order: one copy, in the order asked.
-          sources = bases + inner.astype(np.uint64) * np.uint64(self.chunk_bytes + CRC_BYTES)
-          _GATHER(sources.ctypes.data, ids.size, self.chunk_bytes, out.ctypes.data)
-          return out.view(self.dtype).reshape(ids.size, *self.row_shape)
-      # Without the C gather, or with a shard in another writer's chunk order (or more
-      # shards than stay open): sorted by shard, copied by numpy, scattered into order.
-      order = np.argsort(ids, kind="stable")
-      sorted_shards, sorted_inner = shards[order], inner[order]
-      scratch = self._scratch(ids.size)
-      starts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist()] if ids.size else []
-      for lo, hi, k in zip(starts, starts[1:] + [ids.size], sorted_shards[starts].tolist()):
-        self._shard(k).copy(sorted_inner[lo:hi], scratch[lo:hi])
-      out[order] = scratch[:, :self.chunk_bytes]
-    return out.view(self.dtype).reshape(ids.size, *self.row_shape)
+      if _NATIVE is None or not self._located(
+          lambda *layout: _NATIVE.lumenvq_gather_rows(*layout, out.ctypes.data), ids):
+        self._copy(ids, out)
+    return self._rows(out)
+
+  @staticmethod
+  def reads_ahead() -> bool:
+    """Whether `start` copies on a thread of its own (the C gather is built)."""
+    return _NATIVE is not None
+
+  def start(self, ids: np.ndarray) -> "PendingRows":
+    """`read(ids)` begun on the copy thread (`reads_ahead()`; else read now): the rows are
+    located and checked here, errors raised here, and `result()` waits for the copy."""
+    ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
+    out = np.empty((ids.size, self.chunk_bytes), np.uint8)
+    ticket = ctypes.c_int64()
+    with self._lock:
+      self._clock += 1
+      if _NATIVE is not None:
+        worker = self._start_worker()
+        if self._located(lambda *layout: _NATIVE.lumenvq_gather_start(
+            worker, *layout, out.ctypes.data, ctypes.byref(ticket)), ids):
+          self._tickets += 1
+          return PendingRows(self, out, worker, ticket.value)
+      self._copy(ids, out)
+    return PendingRows(self, out)
+
+  def _start_worker(self) -> int:
+    """This process's copy thread (a forked child has none of its parent's threads)."""
+    if self._worker_pid != os.getpid():
+      self._worker, self._worker_pid = _NATIVE.lumenvq_worker_new(), os.getpid()
+      self._tickets = 0
+      # Not at exit: a PendingRows may outlive the reader's finalizer there.
+      weakref.finalize(self, _free_worker, self._worker, self._worker_pid).atexit = False
+    return self._worker
+
+  def _located(self, gather, ids: np.ndarray) -> bool:
+    """Whether the C `gather(*layout)` took every row of `ids` (under the lock): else the
+    shards are opened and the rows verified, and it tries once more. False: a shard in
+    another writer's chunk order, or more shards in the batch than stay open."""
+    for attempt in range(2):
+      if gather(ids.ctypes.data, ids.size, self.num_rows, self.shard_rows, *self._c_state,
+                self._clock, self.chunk_bytes + CRC_BYTES, self.chunk_bytes) < 0:
+        return True
+      if not attempt:
+        self._prepare(ids)
+    return False
+
+  def _copy(self, ids: np.ndarray, out: np.ndarray) -> None:
+    """Rows `ids` into `out` by numpy (under the lock): sorted by shard, copied, scattered
+    into order."""
+    self._check_range(ids)
+    shards = ids // self.shard_rows
+    self._used[shards] = self._clock
+    order = np.argsort(ids, kind="stable")
+    sorted_shards = shards[order]
+    sorted_inner = ids[order] - sorted_shards * self.shard_rows
+    scratch = self._scratch(ids.size)
+    starts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist()] if ids.size else []
+    for lo, hi, k in zip(starts, starts[1:] + [ids.size], sorted_shards[starts].tolist()):
+      self._shard(k).copy(sorted_inner[lo:hi], scratch[lo:hi])
+    out[order] = scratch[:, :self.chunk_bytes]
+
+  def _rows(self, out: np.ndarray) -> np.ndarray:
+    return out.view(self.dtype).reshape(len(out), *self.row_shape)
+
+  def _prepare(self, ids: np.ndarray) -> None:
+    """Opens the shards of `ids` and verifies their rows (under the lock)."""
+    self._check_range(ids)
+    shards = ids // self.shard_rows
+    self._used[shards] = self._clock  # Opening one evicts none of the others.
+    for k in np.unique(shards).tolist():
+      mine = ids[shards == k]
+      self._shard(k).verify(mine - k * self.shard_rows)
+
+  def _check_range(self, ids: np.ndarray) -> None:
+    bad = ids[(ids < 0) | (ids >= self.num_rows)]
+    if bad.size:
+      raise IndexError(f"row {int(bad[0])} is out of range: the array has {self.num_rows} rows")
 
   def _scratch(self, n: int) -> np.ndarray:
     """uint8 [n, chunk + crc32c] reused by this thread's reads: a fresh buffer each read cost
@@ -225,3 +297,27 @@ class ShardRowReader:
                          self.chunk_bytes + CRC_BYTES), np.uint8)
       self._local.scratch = buffer
     return buffer[:n]
+
+
+def _free_worker(worker: int, pid: int) -> None:
+  if os.getpid() == pid:  # A forked child's copy of the handle names no thread.
+    _NATIVE.lumenvq_worker_free(worker)  # Copies what it was given, then joins.
+
+
+class PendingRows:
+  """Rows the copy thread is writing into `out`; `result()` waits for them. Dropped before
+  that, it still waits: the thread must not write into freed memory."""
+
+  def __init__(self, reader: ShardRowReader, out: np.ndarray, worker=None, ticket: int = 0):
+    self._reader, self._out, self._worker, self._ticket = reader, out, worker, ticket
+
+  def result(self) -> np.ndarray:
+    self._wait()
+    return self._reader._rows(self._out)  # pylint: disable=protected-access
+
+  def _wait(self) -> None:
+    if self._worker is not None:
+      _NATIVE.lumenvq_worker_wait(self._worker, self._ticket)
+      self._worker = None
+
+  __del__ = _wait

@@ -82,6 +82,8 @@ def test_roundtrip_reads_equal_numpy_indexing(tmp_path, case):
   assert got_values.dtype == np.dtype(dtype) and got_lengths.dtype == np.int32
   np.testing.assert_array_equal(got_values, want)
   np.testing.assert_array_equal(got_lengths, padded_lengths[ids])
+  for ahead, now in zip(store.start_read(ids).result(), (got_values, got_lengths)):
+    np.testing.assert_array_equal(ahead, now)  # Begun on a native thread, the same rows.
 
   range_values, range_lengths = store.read_range(10, 40)  # Crosses two shard borders.
   np.testing.assert_array_equal(range_values.reshape(30, LP, width), values[10:40])
@@ -97,6 +99,8 @@ def test_out_of_range_ids_are_named(tmp_path):
   for bad in (N, -2, 10 ** 9):
     with pytest.raises(StoreError, match=f"passage id {bad} is out of range.*num_passages={N}"):
       store.read(np.array([[0, bad]]))
+    with pytest.raises(StoreError, match=f"passage id {bad} is out of range"):
+      store.start_read(np.array([[0, bad]]))  # Raised when it starts, not later.
   with pytest.raises(StoreError, match=r"range \[40, 51\)"):
     store.read_range(40, 51)
 
@@ -158,6 +162,8 @@ def test_deleted_or_corrupt_shard_file_names_the_shard(tmp_path, case):
   with pytest.raises(StoreError, match=r"shard 2 \(passages 32..47, file values/c/2/0/0\) "
                                        r"cannot be read: .*([Dd]igest|row 32 fails its crc32c)"):
     store.read([0, 32])
+  with pytest.raises(StoreError, match=r"shard 2 \(passages 32..47, file values/c/2/0/0\) "):
+    store.start_read([0, 32]).result()
   os.remove(shard_file)
   with pytest.raises(StoreError, match=r"shard 2 .* cannot be read: .*missing"):
     store.read_range(30, 34)  # Deleted after open: not read as zeros.

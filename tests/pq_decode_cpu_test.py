@@ -3,6 +3,7 @@ gather bit for bit, its rows split over threads (NaN for an out-of-range code); 
 the rows it runs on each device's rows with no collective; under shard_map and jax.grad it
 composes like the gather."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ def _decode(rows, codebooks):
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
 def threads(request, monkeypatch):
-  monkeypatch.setattr(pq_decode_cpu, "threads_per_device", lambda: request.param)
+  monkeypatch.setattr(pq_decode_cpu, "threads_per_device", lambda devices: request.param)
 
 
 @pytest.mark.parametrize("g,c,s,dtype", [(4, 256, 8, np.uint8), (3, 1000, 2, np.uint16),
@@ -105,11 +106,25 @@ def test_under_shard_map_and_grad_like_the_gather():
 
 
 def test_each_cpu_device_gets_its_share_of_the_cores():
-  # conftest forces 8 CPU devices: one thread each unless there are 16+ cores.
-  assert pq_decode_cpu.threads_per_device() == max(1, os.cpu_count() // 8)
-  lowered = jax.jit(pq_decode_cpu.decode_rows).lower(np.zeros((4, 2), np.uint8),
-                                                     np.zeros((2, 3, 4), np.float32))
-  assert f"threads = {pq_decode_cpu.threads_per_device()}" in lowered.as_text()
+  cores = os.cpu_count()
+  assert pq_decode_cpu.threads_per_device(1) == cores
+  assert pq_decode_cpu.threads_per_device(8) == max(1, cores // 8)
+  assert pq_decode_cpu.threads_per_device(64) == max(1, cores // 8)  # 8 here, the rest away.
+  rows, books = np.zeros((16, 2), np.uint8), np.zeros((2, 3, 4), np.float32)
+
+  def threads(decode, *args):
+    hlo = jax.jit(decode).lower(*args).compile().as_text()
+    return {int(t) for t in re.findall(r"threads=(\d+)", hlo.replace(" ", ""))}
+
+  assert threads(pq_decode_cpu.decode_rows, rows, books) == {cores}  # One device: every core.
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  with jax.set_mesh(Mesh(np.array(jax.devices()[:1]), ("data",))):
+    assert threads(pq_decode_cpu.decode_rows, rows, books) == {cores}
+  sharded = jax.device_put(rows, NamedSharding(mesh, P("data")))
+  assert threads(pq_decode_cpu.decode_rows, sharded, books) == {max(1, cores // 8)}
+  mapped = jax.shard_map(pq_decode_cpu.decode_rows, mesh=mesh, in_specs=(P("data"), P()),
+                         out_specs=P("data"))
+  assert threads(mapped, rows, books) == {max(1, cores // 8)}
 
 
 def test_vmap_over_codes_and_over_codebooks():

@@ -19,8 +19,8 @@ N, LP, SHARD = 45, 3, 8  # 6 shards, the last one partial.
 def gather(request, monkeypatch, cxx_compiler):
   """Every test on both copy paths: the built C gather and numpy's (no compiler)."""
   if request.param == "numpy":
-    monkeypatch.setattr(shard_rows, "_GATHER", None)
-  elif shard_rows._GATHER is None:
+    monkeypatch.setattr(shard_rows, "_NATIVE", None)
+  elif shard_rows._NATIVE is None:
     assert cxx_compiler is None, (
         "a C++ compiler is here but lumenvq._gather_rows was not built")
     pytest.skip("no C++ compiler: lumenvq._gather_rows is not built")
@@ -62,6 +62,7 @@ def test_rows_equal_the_written_values_and_tensorstore(tmp_path, dtype, width):
     got = reader.read(rows)
     assert got.dtype == np.dtype(dtype) and got.shape == (len(rows), LP, width)
     np.testing.assert_array_equal(got, values[rows])
+    np.testing.assert_array_equal(reader.start(rows).result(), values[rows])
   store = MemoryStore.open(str(tmp_path))
   assert store._row_reader is not None
   ids = rng.integers(-1, N, (7, 5))
@@ -185,3 +186,9 @@ def test_open_shards_are_bounded(tmp_path, monkeypatch):
     assert len(reader._open) <= 2
   assert sorted(reader._open) == [0, 1]  # Shard 5 was read longest ago: it went first.
   assert reader._bases[[2, 3, 4, 5]].sum() == 0 and reader._bases[[0, 1]].all()
+  # Copies in flight while later reads evict their shards (they wait for the copies).
+  rows = [np.random.default_rng(i).integers(0, N, 50) for i in range(20)]
+  pending = [reader.start(r) for r in rows]
+  reader.start(np.arange(N))  # Dropped before its result: it is finished all the same.
+  for r, p in zip(rows, pending):
+    np.testing.assert_array_equal(p.result(), values[r])
