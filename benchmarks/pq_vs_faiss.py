@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import report
 from lumenvq import pq_codec
 from lumenvq.quantizer import QUANTIZER_COLLECTION, ProductQuantizer, export_codebooks
 
@@ -57,39 +58,17 @@ def correlated_gaussian(n: int, d: int, seed: int) -> np.ndarray:
   return ((rng.standard_normal((n, d)) * scale) @ q).astype(np.float32)
 
 
-def best_times(fns: dict, repeats: int) -> dict:
-  """Best wall time of each fn() over repeats, after one warm-up call (compilation).
-
-  The functions take turns within each repeat, so load from other processes on a shared
-  machine hits both quantizers alike.
-  """
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  best = {k: float("inf") for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[k] = min(best[k], time.perf_counter() - t0)
-  return best
-
-
 def decode_times(decode, split, books, codes, cb, pq, fcodes, args) -> dict:
-  """Best decode times of ours (data-parallel and on one device) and FAISS's.
+  """Best decode times of ours (data-parallel and on one device) and FAISS's: the best of
+  --decode-rounds rounds of --decode-repeats decodes of fresh copies of the codes."""
 
-  A decode takes under a millisecond here, and one process's rate at one buffer placement
-  can sit 2x off its best for every repeat (both libraries; ours more): so the best over
-  --decode-rounds rounds, each decoding fresh copies of the codes --decode-repeats times.
-  """
-  best = {}
-  for _ in range(args.decode_rounds):
+  def fresh():
     mine, theirs = jax.device_put(split, split.sharding), np.array(fcodes)
     one = jax.device_put(np.asarray(codes))
-    round_best = best_times({"ours_dec": lambda: decode(mine, books),
-                             "ours_dec_1": lambda: decode(one, cb),
-                             "faiss_dec": lambda: pq.decode(theirs)}, args.decode_repeats)
-    best = {k: min(v, best.get(k, v)) for k, v in round_best.items()}
-  return best
+    return {"ours_dec": lambda: decode(mine, books), "ours_dec_1": lambda: decode(one, cb),
+            "faiss_dec": lambda: pq.decode(theirs)}
+
+  return report.best_of_rounds(fresh, args.decode_rounds, args.decode_repeats)
 
 
 def rel_mse(x, y) -> float:
@@ -147,7 +126,7 @@ def run_setting(name, train, evals, g, bits, args):
   n = evals.shape[0] - evals.shape[0] % mesh.size  # Rows that split evenly over the mesh.
   split, books = (jax.device_put(codes[:n], NamedSharding(mesh, P("data"))),
                   jax.device_put(cb, NamedSharding(mesh, P())))
-  t = best_times({"ours_enc": lambda: encode(xe[:n], cb),
+  t = report.best_times({"ours_enc": lambda: encode(xe[:n], cb),
                   "faiss_enc": lambda: pq.compute_codes(evals[:n])}, args.repeats)
   t.update(decode_times(decode, split, books, codes[:n], cb, pq, fcodes[:n], args))
   ours.update(encode_s=t["ours_enc"], decode_s=t["ours_dec"], decode_1_device_s=t["ours_dec_1"],

@@ -1,4 +1,4 @@
-"""Shared output for benchmark scripts: a printed table, results JSON, optional PNG."""
+"""Shared by the benchmark scripts: timing, a printed table, results JSON, optional PNG."""
 import json
 import os
 import platform
@@ -20,6 +20,37 @@ def timed(fn, *args, repeats: int = 5):
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - start)
   return first, best
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+  """Best wall time of each fn() over repeats, after one warm-up call (compilation).
+
+  The functions take turns within each repeat, so load from other processes on a shared
+  machine hits them alike.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  best = {k: float("inf") for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[k] = min(best[k], time.perf_counter() - start)
+  return best
+
+
+def best_of_rounds(make_fns, rounds: int, repeats: int) -> dict:
+  """`best_times` of `make_fns()` over `rounds` rounds, each building the functions anew.
+
+  Calls of a millisecond or less, here, can sit 2x off their best for every repeat at one
+  placement of their input and output buffers (numpy's and XLA's alike): each round's
+  `make_fns` gives them fresh copies of their inputs, and the best round counts.
+  """
+  best = {}
+  for _ in range(rounds):
+    for k, v in best_times(make_fns(), repeats).items():
+      best[k] = min(v, best.get(k, v))
+  return best
 
 
 def print_table(rows, columns):

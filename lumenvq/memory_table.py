@@ -15,6 +15,7 @@ reduce-scatter, so each device receives only its batch rows (half the traffic of
 all-reduce); the other table axes are all-reduced. An id owned by no device (-1, or one past
 the table, which jit cannot raise on: use `check_ids` on the host) gives zeros and length 0.
 """
+import math
 from typing import Any, Optional
 
 import flax
@@ -84,16 +85,21 @@ def load(store, mesh, rules) -> MemoryTable:
 
 
 def _words(block):
-  """block [rows, ..., w] with each row's trailing bytes bitcast to uint32 words, when they
-  fill whole words (else block itself). XLA:CPU's collectives reduce element by element, so
-  uint8 codes cost 4x the words' time; and adding integer words keeps every bit of a float
-  row (a float sum turns -0.0 into 0.0)."""
+  """block [rows, ...] as unsigned integer words [rows, n]: 4-byte words where a row's bytes
+  divide by 4, else words of its own item size. XLA:CPU's collectives reduce element by
+  element, so uint8 codes cost 4x the time of the same bytes as words; and an integer sum
+  keeps every bit of a float row (a float sum turns -0.0 into 0.0)."""
   size = block.dtype.itemsize
-  if block.ndim < 2 or size > 4 or block.shape[-1] * size % 4:
+  row_bytes = size * math.prod(block.shape[1:])
+  if block.ndim < 2 or size > 4:
     return block
-  if size < 4:
-    block = block.reshape(*block.shape[:-1], block.shape[-1] * size // 4, 4 // size)
-  return jax.lax.bitcast_convert_type(block, jnp.uint32)
+  word = 4 if row_bytes % 4 == 0 else size
+  per_word = () if word == size else (word // size,)  # bitcast to a wider type eats it.
+  rows = block.reshape(block.shape[0], row_bytes // word, *per_word)
+  return jax.lax.bitcast_convert_type(rows, _UNSIGNED[word])
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def _gather_rows(table: MemoryTable, array, ids, scatter: bool):
@@ -104,7 +110,7 @@ def _gather_rows(table: MemoryTable, array, ids, scatter: bool):
   summed = tuple(a for a in axes if not (scatter and a == BATCH_MESH_AXIS))
 
   def local(block, ids):
-    words = _words(block)
+    words = _words(block) if axes else block  # Words only for a collective to move.
     rows = words.shape[0]
     offset = jax.lax.axis_index(axes) * rows if axes else 0
     index = ids - offset
@@ -125,10 +131,12 @@ def _gather_rows(table: MemoryTable, array, ids, scatter: bool):
 
 
 def _scatters(table: MemoryTable, ids) -> bool:
-  """Whether the answer can come back batch-sharded: the batch axis splits the table and
-  the leading ids dimension divides by it."""
-  return (BATCH_MESH_AXIS in table.axes and ids.ndim > 0 and
-          ids.shape[0] % table.mesh.shape[BATCH_MESH_AXIS] == 0)
+  """Whether the answer can come back batch-sharded: the batch axis splits the table (in 2
+  or more parts: a reduce-scatter over one device is still a copy) and the leading ids
+  dimension divides by it."""
+  parts = table.mesh.shape.get(BATCH_MESH_AXIS, 1)
+  return (BATCH_MESH_AXIS in table.axes and parts > 1 and ids.ndim > 0 and
+          ids.shape[0] % parts == 0)
 
 
 def gather(table: MemoryTable, ids) -> tuple:

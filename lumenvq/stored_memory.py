@@ -175,7 +175,7 @@ class MemoryFeed:
     return batch
 
   def wrap(self, batches: Iterator[dict]) -> Iterator[dict]:
-    """A stream of batches, prepared; the host reader reads ahead on a thread."""
+    """A stream of batches, prepared; the host reader reads ahead (host_reader.py)."""
     if self.reader == "host":
       return self._host.wrap(batches)
     return map(self.prepare, batches)

@@ -1,6 +1,10 @@
 """The device-resident memory table: loaded from a real store block by block, sharded over
 the whole mesh, and gathered inside jit equal to numpy indexing (repeats, -1, every shard
-border, N not divisible by the devices) on 1, 8x1 and 4x2 meshes; ids checked on the host."""
+border, N not divisible by the devices; float rows bit for bit) on 1, 8x1 and 4x2 meshes,
+with rows crossing devices as words in only the collectives the mesh needs; ids checked on
+the host."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -125,26 +129,33 @@ def test_each_block_is_read_once_when_the_table_is_replicated_over_model(codes):
   np.testing.assert_array_equal(got_lengths, want_lengths)
 
 
-def test_bfloat16_vectors_gather_exactly(tmp_path):
+@pytest.mark.parametrize("width", [8, 3])  # 16 bytes: as uint32 words; 6 bytes: as bf16.
+def test_bfloat16_vectors_gather_bit_for_bit(tmp_path, width):
   rng = np.random.default_rng(3)
   lengths = np.array([3, 1, 0, 2, 3], np.int32)
-  vectors = rng.normal(size=(5, 3, 8)).astype(jax.numpy.bfloat16)
+  vectors = rng.normal(size=(5, 3, width)).astype(jax.numpy.bfloat16)
   vectors[np.arange(3) >= lengths[:, None]] = 0
+  vectors[0, 0, 0] = -0.0  # A float sum across devices would make it +0.0.
   store = _store(tmp_path / "vectors", vectors, lengths, kind="vectors")
   table = memory_table.load(store, _mesh((2, 4)), RULES)
   ids = np.array([[4, -1], [0, 0], [2, 3], [1, 4]], np.int32)
   got_values, got_lengths = _gather(table, ids)
   assert got_values.dtype == vectors.dtype
   want_values, want_lengths = _expected(vectors, lengths, ids)
-  np.testing.assert_array_equal(np.asarray(got_values, np.float32),
-                                np.asarray(want_values, np.float32))
+  assert np.asarray(got_values).tobytes() == want_values.tobytes()
   np.testing.assert_array_equal(got_lengths, want_lengths)
 
 
-def test_check_ids_names_the_bad_id_and_the_store():
-  memory_table.check_ids(np.array([[0, N - 1, -1]]), N, "/s")
-  with pytest.raises(ValueError, match=rf"passage id {N} is out of range: the memory table "
-                                       rf"of the memory store /s holds {N} passages"):
-    memory_table.check_ids(np.array([[0, N, -1]]), N, "/s")
-  with pytest.raises(ValueError, match=r"passage id -2 is out of range"):
-    memory_table.check_ids(np.array([-2]), N)
+@pytest.mark.parametrize("shape,collectives", [
+    ((8, 1), ["reduce-scatter s32", "reduce-scatter u32"]),  # None over the size-1 axis.
+    ((4, 2), ["all-reduce s32", "all-reduce u32", "reduce-scatter s32", "reduce-scatter u32"]),
+    ((1, 1), [])])  # One device: no collective, not even a trivial one.
+def test_rows_cross_devices_as_words_in_the_collectives_the_mesh_needs(codes, shape,
+                                                                       collectives):
+  table = memory_table.load(codes[0], _mesh(shape), RULES)
+  ids = np.zeros((8, 2), np.int32)
+  with jax.set_mesh(table.mesh):
+    hlo = jax.jit(memory_table.gather).lower(table, ids).compile().as_text()
+  found = re.findall(r"= (\w+)\[[^=]*? (all-reduce|reduce-scatter|all-gather|all-to-all)\(",
+                     hlo)
+  assert sorted(f"{op} {dtype}" for dtype, op in found) == collectives
