@@ -9,14 +9,18 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean
 
-$(STAMP): setup.py
+# jax (with jaxlib, whose FFI headers setup.py compiles the CPU kernel against) and
+# setuptools go in first, so the build runs in .venv: an isolated build env would fetch
+# jaxlib a second time.
+$(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e .
+	$(PY) -m pip install "setuptools>=64" jax
+	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-build-isolation -e '.[test]'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

@@ -22,20 +22,25 @@ def timed(fn, *args, repeats: int = 5):
   return first, best
 
 
-def best_times(fns: dict, repeats: int) -> dict:
-  """Best wall time of each fn() over repeats, after one warm-up call (compilation).
+def best_times(fns: dict, repeats: int, in_turns: bool = False) -> dict:
+  """Best wall time of each fn() over `repeats` calls, after a warm-up call each.
 
-  The functions take turns within each repeat, so load from other processes on a shared
-  machine hits them alike.
+  By default one function's calls run back to back: a library's threads go on spinning
+  after a call (OpenMP's for FAISS), and in turns they took the cores of the call timed
+  next (our decode measured 2-4x slower right after FAISS's). `in_turns`: the functions take
+  turns call by call, for work whose data a repeat would otherwise find in the cache the
+  previous repeat warmed. `best_of_rounds` repeats either, so that load from other
+  processes hits them alike.
   """
   for fn in fns.values():
     jax.block_until_ready(fn())
   best = {k: float("inf") for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[k] = min(best[k], time.perf_counter() - start)
+  order = [k for _ in range(repeats) for k in fns] if in_turns else [
+      k for k in fns for _ in range(repeats)]
+  for k in order:
+    start = time.perf_counter()
+    jax.block_until_ready(fns[k]())
+    best[k] = min(best[k], time.perf_counter() - start)
   return best
 
 
