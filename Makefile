@@ -9,13 +9,13 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean
 
-# jax (with jaxlib, whose FFI headers setup.py compiles the CPU kernel against) and
-# setuptools go in first, so the build runs in .venv: an isolated build env would fetch
-# jaxlib a second time.
+# jax (with jaxlib, whose FFI headers setup.py compiles the CPU kernel against) and a
+# setuptools that builds wheels itself (70.1+) go in first, so the build runs in .venv:
+# an isolated build env would fetch jaxlib a second time.
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "setuptools>=64" jax
+	$(PY) -m pip install "setuptools>=70.1" jax
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 
