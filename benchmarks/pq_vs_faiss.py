@@ -5,10 +5,10 @@ vectors and measured on the same held-out vectors:
 
 * relative reconstruction MSE  sum ||x - decode(encode(x))||^2 / sum ||x||^2,
 * encode and decode throughput (vectors/s; lumenvq jit-compiled, compile excluded,
-  block_until_ready; best of --repeats, decode as `decode_times` says). FAISS decodes on
-  every core (OpenMP); lumenvq's decode is measured as the reader runs it, data-parallel over
-  the host's devices (on CPU one device per core, --xla_force_host_platform_device_count),
-  and on one device alone.
+  block_until_ready; the best of --repeats calls in a row, `report.best_times`; decode as
+  `decode_times` says). FAISS decodes on every core (OpenMP); lumenvq's decode is measured
+  as the reader runs it, data-parallel over the host's devices (on CPU one device per core,
+  --xla_force_host_platform_device_count), and on one device alone.
 
 lumenvq trains as it would inside a model, minus the model: k-means++ seeding from the first
 batch (+ optional Lloyd iterations on it), then EMA steps over shuffled batches.
