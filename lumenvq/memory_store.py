@@ -23,7 +23,6 @@ values); codes are not (uniformly used uint16 codes do not shrink at all). Every
 chunk carries a crc32c, so a corrupt file is an error, not silently wrong memory; missing
 chunks are read as errors (`fill_missing_data_reads` off) rather than as zeros.
 """
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,6 @@ import numpy as np
 import tensorstore as ts
 
 from lumenvq import pq_codec
-from lumenvq.data.passage_table import PassageTable
 from lumenvq.shard_rows import ShardReadError, ShardRowReader
 
 FORMAT_VERSION = 1
@@ -64,41 +62,6 @@ def kvstore_spec(path: str) -> dict:
 
 def _dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
-
-
-def _read_file(path: str) -> bytes:
-  """A whole file through a kvstore, so `gs://` vocabularies hash like local ones."""
-  directory, name = path.rsplit("/", 1) if "/" in path else (".", path)
-  result = ts.KvStore.open(kvstore_spec(directory)).result().read(name).result()
-  if result.state != "value":
-    raise StoreError(f"{path} not found")
-  return result.value
-
-
-def fingerprint_for(model, checkpoint_step, vocabulary_path, passage_table_dir) -> dict:
-  """What a store's memory depends on, for `model` (a reader_models.ReaderModel) restored at
-  `checkpoint_step`, tokenized by `vocabulary_path` from the passage table in
-  `passage_table_dir`. A store opens only for a reader with the same fingerprint. An
-  argument given as None (not known to the caller) gives its field None."""
-  reader, t5 = model.reader, model.config
-  quantizer = None
-  if reader.architecture == "lumen_vq":
-    quantizer = {"num_subspaces": reader.subspaces(t5.emb_dim),
-                 "codebook_size": reader.codebook_size, "num_residual": reader.num_residual}
-  return {
-      "checkpoint_step": None if checkpoint_step is None else int(checkpoint_step),
-      "architecture": reader.architecture,
-      "num_memory_layers": reader.num_memory_layers(t5.num_encoder_layers),
-      "emb_dim": t5.emb_dim,
-      "passage_length": reader.passage_length,
-      "memory_length": reader.memory_length,
-      "quantizer": quantizer,
-      "vocabulary_sha256": (None if vocabulary_path is None else
-                            hashlib.sha256(_read_file(vocabulary_path)).hexdigest()),
-      # The table's own content hash (texts, spans, settings): equal however it is sharded.
-      "passage_table_sha256": (None if passage_table_dir is None else
-                               PassageTable(passage_table_dir).fingerprint),
-  }
 
 
 def _json_normal(obj):
@@ -318,8 +281,8 @@ class MemoryStore:
 
   @classmethod
   def open(cls, path, expected_fingerprint: Optional[dict] = None) -> "MemoryStore":
-    """A COMPLETE store, checked against `expected_fingerprint` (see `fingerprint_for`; only
-    the fields it has), its codebooks and the presence of every shard file."""
+    """A COMPLETE store, checked against `expected_fingerprint` (only the fields it has; see
+    `store_fingerprint`), its codebooks and the presence of every shard file."""
     kv = ts.KvStore.open(kvstore_spec(path)).result()
     meta = _read_json(kv, STORE_JSON)
     if meta is None:

@@ -31,7 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from lumenvq import (checkpoints, gin_cli, memory_store, partitioning, pq_codec, quantizer,
-                     readers)
+                     readers, store_fingerprint)
 from lumenvq import eval as eval_lib
 from lumenvq import reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.data import vocab
@@ -168,7 +168,7 @@ def precompute(*, model_dir: Optional[str] = gin.REQUIRED, model=gin.REQUIRED,
   partitioning.check_batch(batch_size, trainer.mesh)
   variables = {"params": state.params, **state.model_state}
   layout = store_layout(model, variables, dtype)
-  fingerprint = memory_store.fingerprint_for(model, step, vocabulary_path, passages_dir)
+  fingerprint = store_fingerprint.fingerprint_for(model, step, vocabulary_path, passages_dir)
   create = dict(layout, num_passages=len(table), fingerprint=fingerprint,
                 shard_passages=shard_passages)
   index, count = jax.process_index(), jax.process_count()

@@ -22,7 +22,7 @@ under `trainer.STEP_CONSTANTS`. As arguments they keep the shardings they were p
 compiled executable (a closed-over constant of gigabytes would be), and are not variables,
 so no checkpoint saves them and no optimizer sees them.
 
-A store is opened with the fingerprint the run expects (`memory_store.fingerprint_for`);
+A store is opened with the fingerprint the run expects (`store_fingerprint.fingerprint_for`);
 fields the run does not know are left out of the comparison rather than guessed: the
 vocabulary and passage table unless `MemorySource.vocabulary_path` / `passage_table_dir`
 are set, and in training the checkpoint step unless `MemorySource.checkpoint_step` is
@@ -136,13 +136,13 @@ def memory_token_count(batch, reader: str):
 # Run side: opening the store and feeding batches.
 
 def expected_fingerprint(model, source: MemorySource, checkpoint_step: Optional[int]) -> dict:
-  """`memory_store.fingerprint_for` of what this run knows: the fields of what it does not
+  """`store_fingerprint.fingerprint_for` of what this run knows: the fields of what it does not
   know are None there and left out here (`MemoryStore.open` compares the fields given).
   None fields the model decides (lumen's quantizer) go too; its architecture still counts."""
-  from lumenvq import memory_store  # pylint: disable=g-import-not-at-top  (see the imports)
+  from lumenvq import store_fingerprint  # pylint: disable=g-import-not-at-top  (see the imports)
   step = source.checkpoint_step if source.checkpoint_step is not None else checkpoint_step
-  fingerprint = memory_store.fingerprint_for(model, step, source.vocabulary_path,
-                                             source.passage_table_dir)
+  fingerprint = store_fingerprint.fingerprint_for(model, step, source.vocabulary_path,
+                                                  source.passage_table_dir)
   return {k: v for k, v in fingerprint.items() if v is not None}
 
 

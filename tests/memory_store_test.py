@@ -1,9 +1,7 @@
 """Memory store: write/finalize/open/read round trips for uint8 and uint16 codes (R = 1 and 2)
 and bf16 vectors equal to numpy indexing; resume and refusal on create; every refusal of
 open (missing, incomplete, fingerprint, codebooks, shard files) and read (bad ids, deleted or
-corrupt shard) names what is wrong; the zarr v3 sharding_indexed layout on disk; the
-fingerprint of a model, vocabulary and passage table."""
-import hashlib
+corrupt shard) names what is wrong; the zarr v3 sharding_indexed layout on disk."""
 import json
 import os
 
@@ -11,11 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lumenvq import memory_store, reader_models
-from lumenvq.data import passages
+from lumenvq import memory_store
 from lumenvq.memory_store import MemoryStore, StoreError
-from lumenvq.network_config import T5Config
-from lumenvq.reader_config import ReaderConfig
 
 N, LP, SHARD = 50, 6, 16  # 4 shards, the last one partial.
 FINGERPRINT = {"checkpoint_step": 1000, "architecture": "lumen_vq", "quantizer": [4, 16, 1]}
@@ -259,29 +254,3 @@ def test_layout_is_zarr3_sharding_indexed_one_file_per_shard(tmp_path):
   assert (path / memory_store.COMPLETE).exists()
   on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
   assert store.bytes_on_disk() == on_disk > N * LP * 6 * 2 + N * 4
-
-
-def test_fingerprint_for_hashes_vocabulary_and_table(tmp_path):
-  source = tmp_path / "source.json"
-  source.write_text(json.dumps({"wikipedia_id": "1", "wikipedia_title": "T",
-                                "text": ["T\n", "some words in a paragraph\n"]}) + "\n")
-  passages.build(str(source), str(tmp_path / "table"), words=3, progress=False)
-  vocabulary = tmp_path / "spm.model"
-  vocabulary.write_bytes(b"not really a model, but bytes to hash")
-  model = reader_models.ReaderModel(
-      T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=3,
-               num_decoder_layers=1),
-      ReaderConfig(architecture="lumen_vq", passage_length=8, codebook_size=256,
-                   subspace_dim=8, num_residual=2))
-  fingerprint = memory_store.fingerprint_for(model, 1000, str(vocabulary),
-                                             str(tmp_path / "table"))
-  manifest = json.loads((tmp_path / "table" / "manifest.json").read_text())
-  assert fingerprint == {
-      "checkpoint_step": 1000, "architecture": "lumen_vq", "num_memory_layers": 2,
-      "emb_dim": 32, "passage_length": 8, "memory_length": 8,
-      "quantizer": {"num_subspaces": 4, "codebook_size": 256, "num_residual": 2},
-      "vocabulary_sha256": hashlib.sha256(vocabulary.read_bytes()).hexdigest(),
-      "passage_table_sha256": manifest["fingerprint"]}
-  unknown = memory_store.fingerprint_for(model, None, None, None)
-  assert unknown["checkpoint_step"] is unknown["vocabulary_sha256"] is None
-  assert unknown["passage_table_sha256"] is None

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from lumenvq import (checkpoints, memory_store, optimizers, partitioning, precompute_memory,
-                     readers, trainer)
+                     readers, store_fingerprint, trainer)
 from lumenvq.data import demo, kilt, passages, vocab
 from lumenvq.data.passage_table import PassageTable
 from lumenvq.memory_store import MemoryStore
@@ -107,7 +107,7 @@ def _direct_memory(model, variables, tokens, return_codes):
 
 def test_codes_equal_compute_memory_on_the_same_tokens(world, vq_store):
   model = world["model"]
-  fingerprint = memory_store.fingerprint_for(model, STEP, world["vocabulary"],
+  fingerprint = store_fingerprint.fingerprint_for(model, STEP, world["vocabulary"],
                                              world["passages"])
   store = MemoryStore.open(str(vq_store), expected_fingerprint=fingerprint)
   tokens = _tokens(world)
@@ -129,7 +129,7 @@ def test_codes_equal_compute_memory_on_the_same_tokens(world, vq_store):
 def test_lumen_vectors_equal_compute_memory_up_to_bf16(world, architecture):
   path = world["root"] / f"{architecture}_store"
   model = _precompute(world, architecture, path)
-  store = MemoryStore.open(str(path), memory_store.fingerprint_for(
+  store = MemoryStore.open(str(path), store_fingerprint.fingerprint_for(
       model, STEP, world["vocabulary"], world["passages"]))
   tokens = _tokens(world)
   memory = _direct_memory(model, {"params": world["variables"]["params"]}, tokens, False)

@@ -12,7 +12,7 @@ import pytest
 
 from lumenvq import (checkpoints, copy_task, evaluation, input_pipeline, memory_store,
                      optimizers, partitioning, passage_copy_task, reader_models, readers,
-                     stored_memory, trainer)
+                     store_fingerprint, stored_memory, trainer)
 from lumenvq import eval as eval_cli, infer as infer_cli
 from lumenvq.network_config import T5Config
 from lumenvq.reader_config import ReaderConfig
@@ -89,7 +89,7 @@ def world(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("store") / "codes")
   store = memory_store.MemoryStore.create(
       path, kind="codes", num_passages=len(corpus), passage_length=LP, width=G,
-      dtype=np.uint8, fingerprint=memory_store.fingerprint_for(model, STEP, None, None),
+      dtype=np.uint8, fingerprint=store_fingerprint.fingerprint_for(model, STEP, None, None),
       codebooks=np.asarray(readers.export_codebooks(variables)), shard_passages=64)
   lengths = np.sum(corpus > 0, axis=-1)
   for shard in range(store.num_shards):
@@ -205,7 +205,7 @@ def test_lumen_vectors_stored_in_bfloat16_evaluate_as_computed_memory(tmp_path):
   path = str(tmp_path / "vectors")
   store = memory_store.MemoryStore.create(
       path, kind="vectors", num_passages=len(corpus), passage_length=LP, width=CONFIG.emb_dim,
-      dtype="bfloat16", fingerprint=memory_store.fingerprint_for(compute, STEP, None, None))
+      dtype="bfloat16", fingerprint=store_fingerprint.fingerprint_for(compute, STEP, None, None))
   store.write_shard(0, vectors.astype(jax.numpy.bfloat16), np.sum(corpus > 0, axis=-1))
   store.finalize()
   model = reader_models.ReaderModel(CONFIG, reader,
