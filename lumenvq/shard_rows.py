@@ -40,11 +40,11 @@ def _load_native() -> Optional[ctypes.CDLL]:
   if built is None:
     return None
   pointer, size = ctypes.c_void_p, ctypes.c_int64
-  # ids, n, num_rows, shard_rows, bases, verified, used, clock, stride, row_bytes, out
-  located = [pointer, size, size, size, pointer, pointer, pointer, size, size, size, pointer]
-  built.lumenvq_gather_rows.argtypes, built.lumenvq_gather_rows.restype = located, size
-  built.lumenvq_gather_start.argtypes = [pointer, *located, pointer]  # worker, ..., ticket
-  built.lumenvq_gather_start.restype = size
+  # worker (None: copy now), ids, n, num_rows, shard_rows, bases, verified, used, clock,
+  # stride, row_bytes, out, ticket
+  built.lumenvq_gather_rows.argtypes = [pointer, pointer, size, size, size, pointer, pointer,
+                                        pointer, size, size, size, pointer, pointer]
+  built.lumenvq_gather_rows.restype = size
   built.lumenvq_worker_new.restype = pointer
   built.lumenvq_worker_wait.argtypes = [pointer, size]
   built.lumenvq_worker_free.argtypes = [pointer]
@@ -204,14 +204,7 @@ class ShardRowReader:
   def read(self, ids: np.ndarray) -> np.ndarray:
     """[len(ids), *row_shape] for row indices in [0, num_rows), in their order (repeats
     allowed)."""
-    ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
-    out = np.empty((ids.size, self.chunk_bytes), np.uint8)
-    with self._lock:  # Also while copying: no shard is unmapped under the copy.
-      self._clock += 1
-      if _NATIVE is None or not self._located(
-          lambda *layout: _NATIVE.lumenvq_gather_rows(*layout, out.ctypes.data), ids):
-        self._copy(ids, out)
-    return self._rows(out)
+    return self._begin(ids, ahead=False).result()
 
   @staticmethod
   def reads_ahead() -> bool:
@@ -221,18 +214,20 @@ class ShardRowReader:
   def start(self, ids: np.ndarray) -> "PendingRows":
     """`read(ids)` begun on the copy thread (`reads_ahead()`; else read now): the rows are
     located and checked here, errors raised here, and `result()` waits for the copy."""
+    return self._begin(ids, ahead=True)
+
+  def _begin(self, ids: np.ndarray, ahead: bool) -> "PendingRows":
     ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
     out = np.empty((ids.size, self.chunk_bytes), np.uint8)
     ticket = ctypes.c_int64()
-    with self._lock:
+    with self._lock:  # Also while copying now: no shard is unmapped under the copy.
       self._clock += 1
-      if _NATIVE is not None:
-        worker = self._start_worker()
-        if self._located(lambda *layout: _NATIVE.lumenvq_gather_start(
-            worker, *layout, out.ctypes.data, ctypes.byref(ticket)), ids):
-          self._tickets += 1
-          return PendingRows(self, out, worker, ticket.value)
-      self._copy(ids, out)
+      worker = self._start_worker() if ahead and _NATIVE is not None else None
+      if _NATIVE is None or not self._located(worker, ids, out, ticket):
+        self._copy(ids, out)
+      elif worker is not None:
+        self._tickets += 1
+        return PendingRows(self, out, worker, ticket.value)
     return PendingRows(self, out)
 
   def _start_worker(self) -> int:
@@ -244,13 +239,16 @@ class ShardRowReader:
       weakref.finalize(self, _free_worker, self._worker, self._worker_pid).atexit = False
     return self._worker
 
-  def _located(self, gather, ids: np.ndarray) -> bool:
-    """Whether the C `gather(*layout)` took every row of `ids` (under the lock): else the
-    shards are opened and the rows verified, and it tries once more. False: a shard in
-    another writer's chunk order, or more shards in the batch than stay open."""
+  def _located(self, worker, ids: np.ndarray, out: np.ndarray, ticket) -> bool:
+    """Whether the C gather took every row of `ids` (under the lock), copying them now or on
+    `worker`: else the shards are opened and the rows verified, and it tries once more.
+    False: a shard in another writer's chunk order, or more shards in the batch than stay
+    open."""
     for attempt in range(2):
-      if gather(ids.ctypes.data, ids.size, self.num_rows, self.shard_rows, *self._c_state,
-                self._clock, self.chunk_bytes + CRC_BYTES, self.chunk_bytes) < 0:
+      if _NATIVE.lumenvq_gather_rows(
+          worker, ids.ctypes.data, ids.size, self.num_rows, self.shard_rows, *self._c_state,
+          self._clock, self.chunk_bytes + CRC_BYTES, self.chunk_bytes, out.ctypes.data,
+          ctypes.byref(ticket)) < 0:
         return True
       if not attempt:
         self._prepare(ids)

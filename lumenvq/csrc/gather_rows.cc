@@ -1,7 +1,7 @@
 // Copies a batch of rows out of memory-mapped shard files into one buffer, for
-// shard_rows.py: now (lumenvq_gather_rows), or on a worker thread (lumenvq_gather_start),
-// so that the host reader reads ahead without a Python thread, whose hand-offs of the GIL
-// cost more than the copy of a 64-passage batch. numpy gathers from one array only, which
+// shard_rows.py: now, or on a worker thread (lumenvq_worker_new), so that the host reader
+// reads ahead without a Python thread, whose hand-offs of the GIL cost more than the copy of
+// a 64-passage batch. numpy gathers from one array only, which
 // cost a sorted copy plus a reordering copy, and the per-batch bookkeeping (shard of each id,
 // its address, whether it is open and verified) cost a dozen small numpy calls; here it is
 // one pass. Called through ctypes, which releases the GIL.
@@ -110,34 +110,25 @@ class Worker {
 
 extern "C" {
 
-// Copies rows ids[0..n) into out (n x row_bytes) and returns -1, or returns Locate's index.
-int64_t lumenvq_gather_rows(const int64_t* ids, int64_t n, int64_t num_rows,
-                            int64_t shard_rows, const uint64_t* bases, const uint8_t* verified,
-                            int64_t* used, int64_t clock, int64_t stride, int64_t row_bytes,
-                            uint8_t* out) {
-  const Layout at{num_rows, shard_rows, bases, verified, used, clock, stride};
-  std::vector<uint64_t> sources(n);
-  const int64_t missing = Locate(at, ids, n, sources.data());
-  if (missing < 0) Copy(sources.data(), n, row_bytes, out);
-  return missing;
-}
-
-// As lumenvq_gather_rows, but the copy runs on `worker`: -1 with *ticket set, then out is
-// complete once lumenvq_worker_wait(worker, *ticket) returns. The addresses are taken now,
+// Copies rows ids[0..n) into out (n x row_bytes) and returns -1, or returns Locate's index
+// having copied nothing. With a `worker` the copy runs on its thread: *ticket is set, and out
+// is complete once lumenvq_worker_wait(worker, *ticket) returns. The addresses are taken now,
 // so the caller may not unmap a shard until the worker has drained (lumenvq_worker_wait of
 // the last ticket), nor free `out` before its ticket is done.
-int64_t lumenvq_gather_start(void* worker, const int64_t* ids, int64_t n, int64_t num_rows,
-                             int64_t shard_rows, const uint64_t* bases,
-                             const uint8_t* verified, int64_t* used, int64_t clock,
-                             int64_t stride, int64_t row_bytes, uint8_t* out,
-                             int64_t* ticket) {
+int64_t lumenvq_gather_rows(void* worker, const int64_t* ids, int64_t n, int64_t num_rows,
+                            int64_t shard_rows, const uint64_t* bases, const uint8_t* verified,
+                            int64_t* used, int64_t clock, int64_t stride, int64_t row_bytes,
+                            uint8_t* out, int64_t* ticket) {
   const Layout at{num_rows, shard_rows, bases, verified, used, clock, stride};
   std::vector<uint64_t> sources(n);
   const int64_t missing = Locate(at, ids, n, sources.data());
-  if (missing < 0) {
+  if (missing >= 0) return missing;
+  if (worker == nullptr) {
+    Copy(sources.data(), n, row_bytes, out);
+  } else {
     *ticket = static_cast<Worker*>(worker)->Submit(std::move(sources), row_bytes, out);
   }
-  return missing;
+  return -1;
 }
 
 void* lumenvq_worker_new() { return new Worker(); }
