@@ -5,12 +5,12 @@ import setuptools
 
 
 def cpu_kernels() -> list:
-  """C++ for the host: the PQ decode kernel for XLA:CPU (lumenvq/pq_decode_cpu.py, built
+  """C++ for the host: the PQ decode kernel for XLA:CPU (lumenvq/quant/pq_decode_cpu.py, built
   against jaxlib's FFI headers, a build requirement in pyproject.toml) and the shard-row
-  gather of the host reader (lumenvq/shard_rows.py). Optional: without a C++ compiler the
+  gather of the host reader (lumenvq/memory/shard_rows.py). Optional: without a C++ compiler the
   install goes on, and both fall back to numpy / the XLA gather."""
   flags = ["-O3", "-std=c++17"]
-  extensions = [setuptools.Extension("lumenvq._gather_rows", ["lumenvq/csrc/gather_rows.cc"],
+  extensions = [setuptools.Extension("lumenvq.memory._gather_rows", ["lumenvq/memory/csrc/gather_rows.cc"],
                                      extra_compile_args=flags + ["-pthread"],
                                      extra_link_args=["-pthread"], language="c++",
                                      optional=True)]
@@ -19,7 +19,7 @@ def cpu_kernels() -> list:
   except ImportError:
     return extensions
   return extensions + [setuptools.Extension(
-      "lumenvq._pq_decode_cpu", sources=["lumenvq/csrc/pq_decode_cpu.cc"],
+      "lumenvq.quant._pq_decode_cpu", sources=["lumenvq/quant/csrc/pq_decode_cpu.cc"],
       include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include")],
       extra_compile_args=flags + ["-Wno-attributes", "-Wno-return-type"],
       language="c++", optional=True)]

@@ -53,13 +53,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report
 
-from lumenvq import (checkpoints, gin_cli, memory_table, optimizers, partitioning, pq_codec,
-                     precompute_memory, reader_models, trainer)
+from lumenvq import precompute_memory
 from lumenvq.data import demo, kilt, passages, vocab
-from lumenvq.host_reader import HostMemoryReader
-from lumenvq.memory_store import MemoryStore
-from lumenvq.network_config import T5Config
-from lumenvq.reader_config import ReaderConfig
+from lumenvq.memory import memory_table
+from lumenvq.memory.host_reader import HostMemoryReader
+from lumenvq.memory.memory_store import MemoryStore
+from lumenvq.model import reader_models
+from lumenvq.model.network_config import T5Config
+from lumenvq.model.reader_config import ReaderConfig
+from lumenvq.quant import pq_codec
+from lumenvq.training import checkpoints, gin_cli, optimizers, partitioning, trainer
 # pylint: enable=wrong-import-position
 
 RULES = partitioning.standard_logical_axis_rules()

@@ -17,8 +17,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from lumenvq import losses, network  # pylint: disable=wrong-import-position
-from lumenvq.network_config import T5Config  # pylint: disable=wrong-import-position
+from lumenvq.model import losses, network  # pylint: disable=wrong-import-position
+from lumenvq.model.network_config import T5Config  # pylint: disable=wrong-import-position
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gin_configs", "models")
 SETTINGS = {"tiny": (32, 64, 16), "small": (8, 128, 32)}  # batch, input len, target len

@@ -43,8 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import report
-from lumenvq import pq_codec
-from lumenvq.quantizer import QUANTIZER_COLLECTION, ProductQuantizer, export_codebooks
+from lumenvq.quant import pq_codec
+from lumenvq.quant.quantizer import ProductQuantizer, QUANTIZER_COLLECTION, export_codebooks
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -194,7 +194,7 @@ def plot(rows, path):
 
 def store_vectors(path: str) -> np.ndarray:
   """[tokens, d] float32: every real token's memory vector in a LUMEN memory store."""
-  from lumenvq import memory_store  # pylint: disable=g-import-not-at-top
+  from lumenvq.memory import memory_store  # pylint: disable=g-import-not-at-top
   store = memory_store.MemoryStore.open(path)
   if store.kind != "vectors":
     raise ValueError(f"--store {path} holds {store.kind}; a LUMEN (vectors) store is needed")

@@ -28,9 +28,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Every module that registers gin configurables is imported before any gin file is parsed
 # (parsing locks the config).
-from lumenvq import gin_cli, input_pipeline, optimizers, partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lumenvq import reader_models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lumenvq import trainer as trainer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lumenvq.model import reader_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lumenvq.training import gin_cli, input_pipeline, optimizers, partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lumenvq.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lumenvq import demo  # pylint: disable=g-import-not-at-top,wrong-import-position

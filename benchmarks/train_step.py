@@ -22,9 +22,10 @@ import time
 import gin
 import jax
 
-from lumenvq import (checkpoints, copy_task, input_pipeline, models, optimizers,
-                     partitioning, trainer as trainer_lib)
-from lumenvq.network_config import T5Config
+from lumenvq.data import copy_task
+from lumenvq.model import models
+from lumenvq.model.network_config import T5Config
+from lumenvq.training import checkpoints, input_pipeline, optimizers, partitioning, trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -27,8 +27,9 @@ import gin
 import numpy as np
 import tensorstore as ts
 
-from lumenvq import network, param_io
-from lumenvq.network_config import T5Config
+from lumenvq.model import network
+from lumenvq.model.network_config import T5Config
+from lumenvq.training import param_io
 
 _HF_CONFIG_FIELDS = {  # T5Config field <- Hugging Face config.json key
     "vocab_size": "vocab_size", "emb_dim": "d_model", "num_heads": "num_heads",

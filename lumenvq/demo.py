@@ -86,7 +86,7 @@ def _precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
 def _storage_rows(stores: dict) -> list:
   """Bytes per memory token of each store on disk (metadata and codebooks included), and
   its compression over uncompressed bf16 memory (d x 2 bytes a token: the first row)."""
-  from lumenvq import memory_store  # pylint: disable=g-import-not-at-top  (after the stages)
+  from lumenvq.memory import memory_store  # pylint: disable=g-import-not-at-top  (after the stages)
   opened = {name: memory_store.MemoryStore.open(path) for name, path in stores.items()}
   d = next(s.width for s in opened.values() if s.kind == "vectors")
   rows = [{"memory": "bf16, uncompressed", "kind": "d x 2 bytes", "passages": None,

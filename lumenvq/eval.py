@@ -15,10 +15,10 @@ import gin
 import jax
 from absl import logging
 
-from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
-                     stored_memory, summaries, trainer as trainer_lib)
-from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
-from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.memory import memory_feed
+from lumenvq.model import models, reader_models  # pylint: disable=unused-import  (gin)
+from lumenvq.model.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.training import checkpoints, evaluation, gin_cli, input_pipeline, partitioning, summaries, trainer as trainer_lib
 
 
 def inference_setup(model, model_dir, checkpoint_step, checkpoint_path, devices=None):
@@ -50,7 +50,7 @@ def evaluate(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.R
   KILT's format for KILT tasks (score them with `python -m lumenvq.kilt_eval`)."""
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
-  feed = stored_memory.attach(trainer, step)
+  feed = memory_feed.attach(trainer, step)
   source = source_fn(task_feature_lengths=task_feature_lengths)
 
   def save(task_source, pairs):

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 import gin
 from absl import logging
 
-from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, partitioning,
-                     stored_memory)
 from lumenvq.eval import inference_setup
+from lumenvq.memory import memory_feed
+from lumenvq.training import checkpoints, evaluation, gin_cli, input_pipeline, partitioning
 
 
 @gin.configurable
@@ -32,7 +32,7 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
     raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
   output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "infer"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
-  feed = stored_memory.attach(trainer, step)
+  feed = memory_feed.attach(trainer, step)
   paths = []
   for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
     pairs, _ = evaluation.predictions(trainer, state, source, split, batch_size,

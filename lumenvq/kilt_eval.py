@@ -21,8 +21,8 @@ import logging
 import sys
 from typing import Sequence
 
-from lumenvq import kilt_metrics
 from lumenvq.data import kilt as kilt_data
+from lumenvq.data import kilt_metrics
 
 
 def load_records(path: str, role: str) -> list[dict]:

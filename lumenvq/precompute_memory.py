@@ -30,13 +30,15 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lumenvq import (checkpoints, gin_cli, memory_store, partitioning, pq_codec, quantizer,
-                     readers, store_fingerprint)
 from lumenvq import eval as eval_lib
-from lumenvq import reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.data import vocab
 from lumenvq.data.passage_table import PassageTable
-from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.memory import memory_store, store_fingerprint
+from lumenvq.model import reader_models  # pylint: disable=unused-import  (gin)
+from lumenvq.model import readers
+from lumenvq.model.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.quant import pq_codec, quantizer
+from lumenvq.training import checkpoints, gin_cli, partitioning
 
 MAX_PENDING_WRITES = 2  # Shards being written while the next ones compute.
 

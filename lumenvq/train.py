@@ -18,10 +18,10 @@ import gin
 import jax
 from absl import logging
 
-from lumenvq import (checkpoints, evaluation, gin_cli, input_pipeline, optimizers, partitioning,
-                     stored_memory, summaries, trainer as trainer_lib)
-from lumenvq import models, reader_models  # pylint: disable=unused-import  (gin)
-from lumenvq.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.memory import memory_feed
+from lumenvq.model import models, reader_models  # pylint: disable=unused-import  (gin)
+from lumenvq.model.network_config import T5Config  # pylint: disable=unused-import  (gin)
+from lumenvq.training import checkpoints, evaluation, gin_cli, input_pipeline, optimizers, partitioning, summaries, trainer as trainer_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -70,7 +70,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   eval_writer = summaries.ScalarWriter(os.path.join(model_dir, "eval")) if eval_every else None
   watcher = None
   try:
-    feed = stored_memory.attach(trainer)  # Stored memory: its table, codebooks, host reads.
+    feed = memory_feed.attach(trainer)  # Stored memory: its table, codebooks, host reads.
     state, step = _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps)
     source = source_fn(task_feature_lengths=task_feature_lengths)
     batches = feed.wrap(input_pipeline.train_batches(

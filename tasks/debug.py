@@ -1,6 +1,6 @@
 """SeqIO registration of the debug tasks (`lumenvq_debug_copy`, `lumenvq_debug_reverse`).
 
-The examples come from `lumenvq.copy_task` (a pure function of split and
+The examples come from `lumenvq.data.copy_task` (a pure function of split and
 index), through `seqio.FunctionDataSource` and `seqio.ByteVocabulary`, so the
 SeqIO pipeline and `copy_task.CopySource` produce the same token ids.
 """
@@ -9,7 +9,7 @@ import functools
 import seqio
 import tensorflow as tf
 
-from lumenvq import copy_task
+from lumenvq.data import copy_task
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed=None, *, task: str) -> tf.data.Dataset:

@@ -23,7 +23,8 @@ def cxx_compiler():
 @pytest.fixture(scope="session")
 def reader_from_gin():
   """Builds the ReaderModel of gin files + bindings, as the CLIs do, and clears gin after."""
-  from lumenvq import gin_cli, reader_models  # pylint: disable=g-import-not-at-top
+  from lumenvq.model import reader_models  # pylint: disable=g-import-not-at-top
+  from lumenvq.training import gin_cli
 
   def build(gin_files, bindings):
     with gin.unlock_config():

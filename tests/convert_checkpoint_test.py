@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from lumenvq import convert_checkpoint, network, param_io
-from lumenvq.network_config import T5Config
+from lumenvq import convert_checkpoint
+from lumenvq.model import network
+from lumenvq.model.network_config import T5Config
+from lumenvq.training import param_io
 
 CONFIG = T5Config(vocab_size=40, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                   num_encoder_layers=1, num_decoder_layers=2)

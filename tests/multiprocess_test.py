@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lumenvq import gin_cli, param_io
 from lumenvq import train as train_cli
+from lumenvq.training import gin_cli, param_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = "gin_configs/debug/tiny_train.gin"

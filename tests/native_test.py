@@ -10,7 +10,7 @@ from lumenvq import native
 def test_a_built_library_loads(cxx_compiler):
   if cxx_compiler is None:
     pytest.skip("no C++ compiler: nothing was built")
-  assert isinstance(native.library("_gather_rows", "x"), ctypes.CDLL)
+  assert isinstance(native.library("memory._gather_rows", "x"), ctypes.CDLL)
 
 
 def test_a_missing_library_is_none_and_says_what_it_costs(caplog):

@@ -21,11 +21,13 @@ import jax
 import numpy as np
 import pytest
 
-from lumenvq import (checkpoints, memory_store, optimizers, partitioning, precompute_memory,
-                     readers, store_fingerprint, trainer)
+from lumenvq import precompute_memory
 from lumenvq.data import demo, kilt, passages, vocab
 from lumenvq.data.passage_table import PassageTable
-from lumenvq.memory_store import MemoryStore
+from lumenvq.memory import memory_store, store_fingerprint
+from lumenvq.memory.memory_store import MemoryStore
+from lumenvq.model import readers
+from lumenvq.training import checkpoints, optimizers, partitioning, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = ["gin_configs/models/tiny.gin", "gin_configs/architectures/lumen_vq.gin"]

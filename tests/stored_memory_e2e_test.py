@@ -16,11 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from lumenvq import (checkpoints, evaluation, input_pipeline, optimizers,
-                     partitioning, precompute_memory, reader_models, stored_memory, trainer)
 from lumenvq import eval as eval_lib
+from lumenvq import precompute_memory
 from lumenvq.data import demo, kilt, passages, retrieve, vocab
 from lumenvq.data.passage_table import PassageTable
+from lumenvq.memory import memory_feed
+from lumenvq.model import reader_models, stored_memory
+from lumenvq.training import checkpoints, evaluation, input_pipeline, optimizers, partitioning, trainer
 
 TASK = "lumenvq_demo_nq"
 K, LP, BATCH, STEP = 4, 32, 8, 1
@@ -86,7 +88,7 @@ def _evaluate(world, reader, roll=0):
   model = reader_models.ReaderModel(base.config, base.reader, memory=memory)
   t, state, step = eval_lib.inference_setup(model, world["model_dir"], None, None)
   assert step == STEP
-  feed = stored_memory.attach(t, step)
+  feed = memory_feed.attach(t, step)
   prepare = feed.prepare
   if roll:
     prepare = lambda b: feed.prepare({**b, "passage_ids": np.roll(b["passage_ids"], roll, 0)})

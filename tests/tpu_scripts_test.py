@@ -14,7 +14,8 @@ import gin
 import pytest
 
 from lumenvq import eval as eval_cli  # noqa: F401  Registers evaluate (runs/eval.gin).
-from lumenvq import gin_cli, infer, partitioning, train  # noqa: F401  infer, train: their gin names.
+from lumenvq import infer, train  # noqa: F401  infer, train: their gin names.
+from lumenvq.training import gin_cli, partitioning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU = ROOT / "tpu"
@@ -297,8 +298,8 @@ def test_tpu_gin_files_parse_after_run_files(clean_gin, path, run_file):
 def test_base_lumen_vq_is_the_published_recipe_at_base_size(clean_gin):
   gin_cli.parse_gin(["gin_configs/runs/finetune.gin", "gin_configs/tpu/base_lumen_vq.gin"],
                     BINDINGS)
-  from lumenvq.network_config import T5Config  # pylint: disable=g-import-not-at-top
-  from lumenvq.reader_config import ReaderConfig  # pylint: disable=g-import-not-at-top
+  from lumenvq.model.network_config import T5Config  # pylint: disable=g-import-not-at-top
+  from lumenvq.model.reader_config import ReaderConfig  # pylint: disable=g-import-not-at-top
   reader, t5 = ReaderConfig(), T5Config()
   assert (reader.architecture, reader.subspace_dim, reader.codebook_size) == ("lumen_vq", 16, 65536)
   assert (t5.emb_dim, t5.num_encoder_layers) == (768, 12)

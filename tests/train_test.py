@@ -20,8 +20,9 @@ import gin
 import numpy as np
 import pytest
 
-from lumenvq import copy_task, gin_cli, param_io
 from lumenvq import train as train_cli
+from lumenvq.data import copy_task
+from lumenvq.training import gin_cli, param_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20

@@ -33,7 +33,7 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 from lumenvq.data import kilt
-from lumenvq.data.demo_world import RELATIONS, Mention, World, build_world
+from lumenvq.data.demo_world import Mention, RELATIONS, World, build_world
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class KiltTask:
     `files` are the names the readers read; `download_files` the names on the
     KILT server (they differ only for TriviaQA, shipped without questions).
     `metrics` and `kilt_metrics` are keys of the scorer's report
-    (`lumenvq.kilt_metrics`), the leaderboard's headline metric first.
+    (`lumenvq.data.kilt_metrics`), the leaderboard's headline metric first.
     """
 
     name: str

@@ -46,8 +46,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from lumenvq import kilt_metrics
-from lumenvq.data import kilt, retrieve, vocab
+from lumenvq.data import kilt, kilt_metrics, retrieve, vocab
 from lumenvq.data.passage_table import PassageTable
 
 DEFAULT_NUM_PASSAGES = 20

@@ -9,8 +9,7 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lumenvq import kilt_metrics
-from lumenvq.data import kilt
+from lumenvq.data import kilt, kilt_metrics
 
 NQ_LINE = {
     "id": "-4471",

@@ -8,8 +8,8 @@ import pytest
 import seqio
 
 import tasks
-from lumenvq import input_pipeline
 from lumenvq.data import demo, kilt
+from lumenvq.training import input_pipeline
 
 LENGTHS = {"inputs": 48, "targets": 12}
 NAMES = ["lumenvq_demo_nq", "lumenvq_demo_hotpotqa", "lumenvq_demo_fever", "lumenvq_demo_structured_zeroshot"]

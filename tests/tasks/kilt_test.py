@@ -6,8 +6,8 @@ import pytest
 import seqio
 
 import tasks
-from lumenvq import input_pipeline
 from lumenvq.data import kilt
+from lumenvq.training import input_pipeline
 
 LENGTHS = {"inputs": 48, "targets": 12}
 
