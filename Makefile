@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint format bench clean
 
 # jax (with jaxlib, whose FFI headers setup.py compiles the CPU kernel against) and a
 # setuptools that builds wheels itself (70.1+) go in first, so the build runs in .venv:
@@ -28,6 +28,14 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# One code style (pyink, configured in pyproject.toml): `make format` applies it, `make lint`
+# checks it (CI runs it before the tests).
+lint: $(TEST_STAMP)
+	$(PY) -m pyink --check --quiet .
+
+format: $(TEST_STAMP)
+	$(PY) -m pyink --quiet .
 
 bench: $(TEST_STAMP)
 	for b in $(filter-out benchmarks/report.py,$(wildcard benchmarks/*.py)); do \

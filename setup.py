@@ -1,4 +1,5 @@
 """lumenvq: LUMEN / MEMORY-VQ memory-augmented readers in JAX/Flax, T5X-style."""
+
 import os
 
 import setuptools
@@ -10,19 +11,30 @@ def cpu_kernels() -> list:
   gather of the host reader (lumenvq/memory/shard_rows.py). Optional: without a C++ compiler the
   install goes on, and both fall back to numpy / the XLA gather."""
   flags = ["-O3", "-std=c++17"]
-  extensions = [setuptools.Extension("lumenvq.memory._gather_rows", ["lumenvq/memory/csrc/gather_rows.cc"],
-                                     extra_compile_args=flags + ["-pthread"],
-                                     extra_link_args=["-pthread"], language="c++",
-                                     optional=True)]
+  extensions = [
+      setuptools.Extension(
+          "lumenvq.memory._gather_rows",
+          ["lumenvq/memory/csrc/gather_rows.cc"],
+          extra_compile_args=flags + ["-pthread"],
+          extra_link_args=["-pthread"],
+          language="c++",
+          optional=True,
+      )
+  ]
   try:
     import jaxlib  # pylint: disable=import-outside-toplevel
   except ImportError:
     return extensions
-  return extensions + [setuptools.Extension(
-      "lumenvq.quant._pq_decode_cpu", sources=["lumenvq/quant/csrc/pq_decode_cpu.cc"],
-      include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include")],
-      extra_compile_args=flags + ["-Wno-attributes", "-Wno-return-type"],
-      language="c++", optional=True)]
+  return extensions + [
+      setuptools.Extension(
+          "lumenvq.quant._pq_decode_cpu",
+          sources=["lumenvq/quant/csrc/pq_decode_cpu.cc"],
+          include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include")],
+          extra_compile_args=flags + ["-Wno-attributes", "-Wno-return-type"],
+          language="c++",
+          optional=True,
+      )
+  ]
 
 
 setuptools.setup(
@@ -63,6 +75,7 @@ setuptools.setup(
             "transformers",
             "safetensors",
             "faiss-cpu",
+            "pyink",
         ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

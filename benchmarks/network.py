@@ -5,6 +5,7 @@
 Sizes tiny and small (gin_configs/models), jit compile time reported apart from
 the steady-state step time. Writes benchmarks/results/network.json and .png.
 """
+
 import os
 import sys
 
@@ -59,20 +60,49 @@ def bench(size, dtype):
   rows = []
   for name, fn in [("forward", forward), ("forward+backward", backward)]:
     first, best = report.timed(fn, params)
-    rows.append({"size": size, "pass": name, "batch": batch, "input_len": in_len,
-                 "target_len": tgt_len, "dtype": jnp.dtype(config.dtype).name,
-                 "compile_s": first - best, "step_s": best, "tokens_per_s": tokens / best})
+    rows.append(
+        {
+            "size": size,
+            "pass": name,
+            "batch": batch,
+            "input_len": in_len,
+            "target_len": tgt_len,
+            "dtype": jnp.dtype(config.dtype).name,
+            "compile_s": first - best,
+            "step_s": best,
+            "tokens_per_s": tokens / best,
+        }
+    )
   return rows
 
 
 def main():
   rows = [r for size, dtype in RUNS for r in bench(size, dtype)]
-  report.print_table(rows, ["size", "pass", "batch", "input_len", "target_len", "dtype",
-                            "compile_s", "step_s", "tokens_per_s"])
+  report.print_table(
+      rows,
+      [
+          "size",
+          "pass",
+          "batch",
+          "input_len",
+          "target_len",
+          "dtype",
+          "compile_s",
+          "step_s",
+          "tokens_per_s",
+      ],
+  )
   report.write_results("network", rows)
-  report.bar_plot("network", [f"{s} {d or ''}".strip() for s, d in RUNS], {
-      p: [r["tokens_per_s"] for r in rows if r["pass"] == p]
-      for p in ("forward", "forward+backward")}, "tokens/s (CPU)", log=True)
+  report.bar_plot(
+      "network",
+      [f"{s} {d or ''}".strip() for s, d in RUNS],
+      {
+          p: [r["tokens_per_s"] for r in rows if r["pass"] == p]
+          for p in ("forward", "forward+backward")
+      },
+      "tokens/s (CPU)",
+      log=True,
+  )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ memory, the codes for LUMEN-VQ), compression over bf16, train step time (median 
 jitted steps on one batch, every model timed back to back at the end, so that they share
 the machine's conditions) and decode time per eval example (after the first batch). Writes benchmarks/results/quality.json and quality.png.
 """
+
 import argparse
 import json
 import os
@@ -36,8 +37,13 @@ import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lumenvq import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (model, gin file under --gin_dir, start from LUMEN's checkpoint)
-MODELS = (("fid", "fid", False), ("lumen", "lumen", False), ("lumen_vq_16x", "lumen_vq", True),
-          ("lumen_vq_32x", "lumen_vq_32x", True), ("lumen_light_4x", "lumen_light", False))
+MODELS = (
+    ("fid", "fid", False),
+    ("lumen", "lumen", False),
+    ("lumen_vq_16x", "lumen_vq", True),
+    ("lumen_vq_32x", "lumen_vq_32x", True),
+    ("lumen_light_4x", "lumen_light", False),
+)
 SCORE = {"nq": "em", "hotpotqa": "em", "fever": "accuracy", "structured_zeroshot": "accuracy"}
 
 
@@ -50,17 +56,22 @@ def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
   """Median seconds of the jitted train step on the experiment's own batches (K passages),
   every model measured here back to back so they share the machine's conditions."""
   import time  # pylint: disable=g-import-not-at-top
+
   _parse(gin_file, data)
   model = reader_models.ReaderModel()
   lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
   batch_size = gin.query_parameter("%BATCH_SIZE")
   mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
-  trainer = trainer_lib.Trainer(model, optimizers.make_optimizer(
-      optimizers.adafactor, optimizers.constant_schedule(0.01)), mesh,
-                                partitioning.standard_logical_axis_rules())
+  trainer = trainer_lib.Trainer(
+      model,
+      optimizers.make_optimizer(optimizers.adafactor, optimizers.constant_schedule(0.01)),
+      mesh,
+      partitioning.standard_logical_axis_rules(),
+  )
   source = input_pipeline.get_source(gin.query_parameter("%MIXTURE_OR_TASK_NAME"), lengths)
-  batches = input_pipeline.train_batches(source, model.feature_converter(lengths),
-                                         input_pipeline.data_layout(mesh, batch_size), 0)
+  batches = input_pipeline.train_batches(
+      source, model.feature_converter(lengths), input_pipeline.data_layout(mesh, batch_size), 0
+  )
   batch = input_pipeline.to_global(next(batches), mesh, batch_size)
   state = trainer.init_state()
   state, _ = trainer.train_step(state, batch)  # Compiles.
@@ -80,15 +91,17 @@ def _storage(gin_file: str) -> tuple:
   cfg, reader = model.config, model.reader
   if reader.architecture == "fid":
     return None, None  # FiD keeps no memory: every passage is re-encoded per question.
-  per_token = (reader.memory_bytes_per_token(cfg) if reader.architecture == "lumen_vq"
-               else 2 * cfg.emb_dim)  # Float memory is stored as bf16.
+  per_token = (
+      reader.memory_bytes_per_token(cfg) if reader.architecture == "lumen_vq" else 2 * cfg.emb_dim
+  )  # Float memory is stored as bf16.
   kept = reader.memory_length / reader.passage_length  # LUMEN-Light keeps M of Lp tokens.
   return per_token * kept, 2 * cfg.emb_dim / (per_token * kept)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--out", default="demo_out")
   demo.add_arguments(parser)
   args = parser.parse_args(argv)
@@ -103,33 +116,57 @@ def main(argv=None):
     model_dir = os.path.join(out, "models", name if name != "lumen_vq_16x" else "lumen_vq")
     if from_lumen:
       steps = args.vq_steps
-      demo.train_from(f"{name} from the LUMEN checkpoint", model_dir, gin_file, steps, data,
-                      os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
-                      extra)
+      demo.train_from(
+          f"{name} from the LUMEN checkpoint",
+          model_dir,
+          gin_file,
+          steps,
+          data,
+          os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
+          extra,
+      )
     else:
       steps = args.train_steps
-      demo.train_with_curriculum(name, model_dir, gin_file, args.curriculum_steps, steps,
-                                 data, extra)
+      demo.train_with_curriculum(
+          name, model_dir, gin_file, args.curriculum_steps, steps, data, extra
+      )
     metrics = demo.evaluate(f"evaluate {name}", model_dir, gin_file, steps, data, extra)
-    scores = {task: 100 * metrics[f"lumenvq_demo_{task}/{key}"]
-              for task, key in SCORE.items()}
+    scores = {task: 100 * metrics[f"lumenvq_demo_{task}/{key}"] for task, key in SCORE.items()}
     bytes_per_token, compression = _storage(gin_file)
     seconds = [metrics[f"lumenvq_demo_{task}/seconds_per_example"] for task in SCORE]
-    rows.append({"model": name, "compression": compression, "bytes_per_token": bytes_per_token,
-                 "avg_em": sum(scores.values()) / len(scores), **scores,
-                 "train_step_s": None,
-                 "eval_s_per_example": sum(seconds) / len(seconds)})
+    rows.append(
+        {
+            "model": name,
+            "compression": compression,
+            "bytes_per_token": bytes_per_token,
+            "avg_em": sum(scores.values()) / len(scores),
+            **scores,
+            "train_step_s": None,
+            "eval_s_per_example": sum(seconds) / len(seconds),
+        }
+    )
   for row, (_, gin_name, _) in zip(rows, MODELS):
     row["train_step_s"] = _step_seconds(os.path.join(args.gin_dir, f"{gin_name}.gin"), data)
-  report.print_table(rows, ["model", "compression", "bytes_per_token", "avg_em", *SCORE,
-                            "train_step_s", "eval_s_per_example"])
+  report.print_table(
+      rows,
+      [
+          "model",
+          "compression",
+          "bytes_per_token",
+          "avg_em",
+          *SCORE,
+          "train_step_s",
+          "eval_s_per_example",
+      ],
+  )
   by_name = {r["model"]: r for r in rows}
   targets = {
       "lumen_reads (avg >= 30)": by_name["lumen"]["avg_em"] >= 30,
       "vq16_within_1_of_lumen": by_name["lumen"]["avg_em"] - by_name["lumen_vq_16x"]["avg_em"]
-                                <= 1.0,
+      <= 1.0,
       "light4_below_vq16": by_name["lumen_light_4x"]["avg_em"] < by_name["lumen_vq_16x"]["avg_em"],
-      "lumen_step_faster_than_fid": by_name["lumen"]["train_step_s"] < by_name["fid"]["train_step_s"],
+      "lumen_step_faster_than_fid": by_name["lumen"]["train_step_s"]
+      < by_name["fid"]["train_step_s"],
   }
   print("targets:", json.dumps(targets))
   report.write_results("quality", rows, targets=targets, settings=vars(args))
@@ -138,8 +175,10 @@ def main(argv=None):
 
 def _plot(rows, fid_em: float) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in rows:
     ax.scatter(r["bytes_per_token"], r["avg_em"])

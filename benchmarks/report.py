@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: timing, a printed table, results JSON, optional PNG."""
+
 import json
 import os
 import platform
@@ -35,8 +36,11 @@ def best_times(fns: dict, repeats: int, in_turns: bool = False) -> dict:
   for fn in fns.values():
     jax.block_until_ready(fn())
   best = {k: float("inf") for k in fns}
-  order = [k for _ in range(repeats) for k in fns] if in_turns else [
-      k for k in fns for _ in range(repeats)]
+  order = (
+      [k for _ in range(repeats) for k in fns]
+      if in_turns
+      else [k for k in fns for _ in range(repeats)]
+  )
   for k in order:
     start = time.perf_counter()
     jax.block_until_ready(fns[k]())
@@ -74,10 +78,18 @@ def _fmt(v):
 def write_results(name: str, rows, **extra) -> str:
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, f"{name}.json")
-  payload = {"benchmark": name, "machine": {
-      "platform": platform.platform(), "processor": platform.processor(),
-      "cpu_count": os.cpu_count(), "jax": jax.__version__,
-      "devices": [str(d) for d in jax.devices()]}, "rows": rows, **extra}
+  payload = {
+      "benchmark": name,
+      "machine": {
+          "platform": platform.platform(),
+          "processor": platform.processor(),
+          "cpu_count": os.cpu_count(),
+          "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()],
+      },
+      "rows": rows,
+      **extra,
+  }
   with open(path + ".tmp", "w") as f:
     json.dump(payload, f, indent=2)
   os.replace(path + ".tmp", path)
@@ -88,8 +100,10 @@ def write_results(name: str, rows, **extra) -> str:
 def bar_plot(name: str, labels, series: dict, ylabel: str, log: bool = False) -> str:
   """Grouped bars: one group per label, one bar per series entry."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(8, 4))
   width = 0.8 / max(len(series), 1)
   for i, (key, values) in enumerate(series.items()):

@@ -15,6 +15,7 @@ DST gets the orbax checkpoint `DST/params` and `DST/model.gin`, the T5Config
 bindings to use with it. Any missing, unexpected or mis-shaped parameter stops
 the conversion with an error that names it.
 """
+
 import argparse
 import glob
 import json
@@ -32,9 +33,14 @@ from lumenvq.model.network_config import T5Config
 from lumenvq.training import param_io
 
 _HF_CONFIG_FIELDS = {  # T5Config field <- Hugging Face config.json key
-    "vocab_size": "vocab_size", "emb_dim": "d_model", "num_heads": "num_heads",
-    "num_encoder_layers": "num_layers", "num_decoder_layers": "num_decoder_layers",
-    "head_dim": "d_kv", "mlp_dim": "d_ff", "layer_norm_epsilon": "layer_norm_epsilon",
+    "vocab_size": "vocab_size",
+    "emb_dim": "d_model",
+    "num_heads": "num_heads",
+    "num_encoder_layers": "num_layers",
+    "num_decoder_layers": "num_decoder_layers",
+    "head_dim": "d_kv",
+    "mlp_dim": "d_ff",
+    "layer_norm_epsilon": "layer_norm_epsilon",
     "relative_attention_num_buckets": "relative_attention_num_buckets",
     "relative_attention_max_distance": "relative_attention_max_distance",
 }
@@ -42,31 +48,64 @@ _HF_CONFIG_FIELDS = {  # T5Config field <- Hugging Face config.json key
 # (our name pattern, Hugging Face name template, transpose?)
 _HF_RULES = [
     (r"token_embedder/embedding", "shared.weight", False),
-    (r"(encoder|decoder)/relpos_bias/rel_embedding",
-     "{0}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True),
+    (
+        r"(encoder|decoder)/relpos_bias/rel_embedding",
+        "{0}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        True,
+    ),
     (r"encoder/encoder_norm/scale", "encoder.final_layer_norm.weight", False),
     (r"decoder/decoder_norm/scale", "decoder.final_layer_norm.weight", False),
     (r"decoder/logits_dense/kernel", "lm_head.weight", True),
-    (r"encoder/layers_(\d+)/pre_attention_layer_norm/scale",
-     "encoder.block.{0}.layer.0.layer_norm.weight", False),
-    (r"encoder/layers_(\d+)/attention/(query|key|value|out)/kernel",
-     "encoder.block.{0}.layer.0.SelfAttention.{1}.weight", True),
-    (r"encoder/layers_(\d+)/pre_mlp_layer_norm/scale",
-     "encoder.block.{0}.layer.1.layer_norm.weight", False),
-    (r"encoder/layers_(\d+)/mlp/(wi_0|wi_1|wo)/kernel",
-     "encoder.block.{0}.layer.1.DenseReluDense.{1}.weight", True),
-    (r"decoder/layers_(\d+)/pre_self_attention_layer_norm/scale",
-     "decoder.block.{0}.layer.0.layer_norm.weight", False),
-    (r"decoder/layers_(\d+)/self_attention/(query|key|value|out)/kernel",
-     "decoder.block.{0}.layer.0.SelfAttention.{1}.weight", True),
-    (r"decoder/layers_(\d+)/pre_cross_attention_layer_norm/scale",
-     "decoder.block.{0}.layer.1.layer_norm.weight", False),
-    (r"decoder/layers_(\d+)/encoder_decoder_attention/(query|key|value|out)/kernel",
-     "decoder.block.{0}.layer.1.EncDecAttention.{1}.weight", True),
-    (r"decoder/layers_(\d+)/pre_mlp_layer_norm/scale",
-     "decoder.block.{0}.layer.2.layer_norm.weight", False),
-    (r"decoder/layers_(\d+)/mlp/(wi_0|wi_1|wo)/kernel",
-     "decoder.block.{0}.layer.2.DenseReluDense.{1}.weight", True),
+    (
+        r"encoder/layers_(\d+)/pre_attention_layer_norm/scale",
+        "encoder.block.{0}.layer.0.layer_norm.weight",
+        False,
+    ),
+    (
+        r"encoder/layers_(\d+)/attention/(query|key|value|out)/kernel",
+        "encoder.block.{0}.layer.0.SelfAttention.{1}.weight",
+        True,
+    ),
+    (
+        r"encoder/layers_(\d+)/pre_mlp_layer_norm/scale",
+        "encoder.block.{0}.layer.1.layer_norm.weight",
+        False,
+    ),
+    (
+        r"encoder/layers_(\d+)/mlp/(wi_0|wi_1|wo)/kernel",
+        "encoder.block.{0}.layer.1.DenseReluDense.{1}.weight",
+        True,
+    ),
+    (
+        r"decoder/layers_(\d+)/pre_self_attention_layer_norm/scale",
+        "decoder.block.{0}.layer.0.layer_norm.weight",
+        False,
+    ),
+    (
+        r"decoder/layers_(\d+)/self_attention/(query|key|value|out)/kernel",
+        "decoder.block.{0}.layer.0.SelfAttention.{1}.weight",
+        True,
+    ),
+    (
+        r"decoder/layers_(\d+)/pre_cross_attention_layer_norm/scale",
+        "decoder.block.{0}.layer.1.layer_norm.weight",
+        False,
+    ),
+    (
+        r"decoder/layers_(\d+)/encoder_decoder_attention/(query|key|value|out)/kernel",
+        "decoder.block.{0}.layer.1.EncDecAttention.{1}.weight",
+        True,
+    ),
+    (
+        r"decoder/layers_(\d+)/pre_mlp_layer_norm/scale",
+        "decoder.block.{0}.layer.2.layer_norm.weight",
+        False,
+    ),
+    (
+        r"decoder/layers_(\d+)/mlp/(wi_0|wi_1|wo)/kernel",
+        "decoder.block.{0}.layer.2.DenseReluDense.{1}.weight",
+        True,
+    ),
 ]
 _HF_PROJ = {"query": "q", "key": "k", "value": "v", "out": "o"}
 # Copies of `shared.weight` that transformers writes for tied input embeddings.
@@ -85,10 +124,12 @@ def hf_config(src: str) -> T5Config:
   path, cfg = _read_hf_config(src)
   proj = cfg.get("feed_forward_proj", "relu")
   if proj not in ("gated-gelu", "gated-gelu_new"):
-    raise ValueError(f"{path}: feed_forward_proj={proj!r}; lumenvq's network is "
-                     "T5 1.1 (gated-gelu)")
-  kwargs = {ours: cfg[theirs] for ours, theirs in _HF_CONFIG_FIELDS.items()
-            if cfg.get(theirs) is not None}
+    raise ValueError(
+        f"{path}: feed_forward_proj={proj!r}; lumenvq's network is " "T5 1.1 (gated-gelu)"
+    )
+  kwargs = {
+      ours: cfg[theirs] for ours, theirs in _HF_CONFIG_FIELDS.items() if cfg.get(theirs) is not None
+  }
   kwargs.setdefault("num_decoder_layers", cfg["num_layers"])
   return T5Config(**kwargs)
 
@@ -97,6 +138,7 @@ def _hf_tensors(src: str) -> dict:
   files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
   if files:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     tensors = {}
     for f in files:
       tensors.update(load_file(f))
@@ -104,8 +146,11 @@ def _hf_tensors(src: str) -> dict:
   bin_path = os.path.join(src, "pytorch_model.bin")
   if os.path.exists(bin_path):
     import torch  # pylint: disable=g-import-not-at-top
-    return {k: v.float().numpy() for k, v in
-            torch.load(bin_path, map_location="cpu", weights_only=True).items()}
+
+    return {
+        k: v.float().numpy()
+        for k, v in torch.load(bin_path, map_location="cpu", weights_only=True).items()
+    }
   raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model.bin")
 
 
@@ -134,8 +179,9 @@ def _hf_head(src: str, tensors: dict) -> np.ndarray:
   elif tied and "shared.weight" in tensors:
     head = np.asarray(tensors["shared.weight"], np.float32)
   else:
-    raise ValueError(f"{src}: tensor lm_head.weight (for parameter "
-                     "decoder/logits_dense/kernel) is missing")
+    raise ValueError(
+        f"{src}: tensor lm_head.weight (for parameter " "decoder/logits_dense/kernel) is missing"
+    )
   return head * (cfg["d_model"] ** -0.5 if scaled else 1.0)
 
 
@@ -151,13 +197,16 @@ def from_hf(src: str, config: T5Config):
     value = np.asarray(tensors[hf_name], np.float32)
     value = value.T if transpose else value
     if value.shape != tuple(leaf.shape):
-      raise ValueError(f"{src}: parameter {name} (from {hf_name}) has shape "
-                       f"{value.shape}, config.json implies {tuple(leaf.shape)}")
+      raise ValueError(
+          f"{src}: parameter {name} (from {hf_name}) has shape "
+          f"{value.shape}, config.json implies {tuple(leaf.shape)}"
+      )
     params[name], _ = value, used.add(hf_name)
   extra = sorted(set(tensors) - used - _HF_ALIASES)
   if extra:
-    raise ValueError(f"{src}: tensor {extra[0]} has no place in the network "
-                     f"({len(extra)} unexpected)")
+    raise ValueError(
+        f"{src}: tensor {extra[0]} has no place in the network " f"({len(extra)} unexpected)"
+    )
   return param_io.unflat_names(params)
 
 
@@ -175,22 +224,23 @@ def _read_t5x_leaf(value, ckpt_dir: str, name: str):
     m = re.fullmatch(r"gs://([^/]+)/(.*)", ckpt_dir)
     if not m:
       raise ValueError(f"{name}: gcs tensorstore spec but {ckpt_dir} is not gs://")
-    kvstore.update(driver="gcs", bucket=m.group(1),
-                   path=os.path.join(m.group(2), kvstore["path"]))
+    kvstore.update(driver="gcs", bucket=m.group(1), path=os.path.join(m.group(2), kvstore["path"]))
   else:
     kvstore.update(driver="file", path=os.path.join(ckpt_dir, kvstore["path"]))
   try:
     return ts.open(spec, open=True, read=True).result().read().result().astype(np.float32)
   except ValueError as e:
-    raise ValueError(f"{ckpt_dir}: tensorstore array for parameter {name} "
-                     f"could not be read: {e}") from e
+    raise ValueError(
+        f"{ckpt_dir}: tensorstore array for parameter {name} " f"could not be read: {e}"
+    ) from e
 
 
 def from_t5x(src: str, config: T5Config):
   path = os.path.join(src, "checkpoint")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found (a T5X checkpoint_N directory "
-                            "holds the msgpack file `checkpoint`)")
+    raise FileNotFoundError(
+        f"{path}: not found (a T5X checkpoint_N directory " "holds the msgpack file `checkpoint`)"
+    )
   with open(path, "rb") as f:
     contents = flax.serialization.msgpack_restore(f.read())
   state = contents["optimizer"] if contents.get("version", 0) else contents
@@ -205,19 +255,26 @@ def from_t5x(src: str, config: T5Config):
       raise ValueError(f"{path}: parameter {name} is missing")
     value = _read_t5x_leaf(stored[name], src, name)
     if value.shape != tuple(leaf.shape):
-      raise ValueError(f"{path}: parameter {name} has shape {value.shape}, the "
-                       f"gin config implies {tuple(leaf.shape)}")
+      raise ValueError(
+          f"{path}: parameter {name} has shape {value.shape}, the "
+          f"gin config implies {tuple(leaf.shape)}"
+      )
     params[name] = value
   extra = sorted(set(stored) - set(expected))
   if extra:
-    raise ValueError(f"{path}: parameter {extra[0]} has no place in the network "
-                     f"({len(extra)} unexpected)")
+    raise ValueError(
+        f"{path}: parameter {extra[0]} has no place in the network " f"({len(extra)} unexpected)"
+    )
   return param_io.unflat_names(params)
 
 
 def config_gin(config: T5Config) -> str:
   lines = [f"T5Config.{f} = {getattr(config, f)!r}" for f in _HF_CONFIG_FIELDS]
-  return "# T5Config of a converted checkpoint (lumenvq.convert_checkpoint).\n" + "\n".join(lines) + "\n"
+  return (
+      "# T5Config of a converted checkpoint (lumenvq.convert_checkpoint).\n"
+      + "\n".join(lines)
+      + "\n"
+  )
 
 
 def convert(source: str, src: str, dst: str, t5x_config: T5Config = None) -> T5Config:
@@ -227,8 +284,10 @@ def convert(source: str, src: str, dst: str, t5x_config: T5Config = None) -> T5C
     params = from_hf(src, config)
   elif source == "t5x":
     if t5x_config is None:
-      raise ValueError("--from t5x needs the model's dimensions: pass --gin_file "
-                       "gin_configs/models/<size>.gin (T5X checkpoints carry no config)")
+      raise ValueError(
+          "--from t5x needs the model's dimensions: pass --gin_file "
+          "gin_configs/models/<size>.gin (T5X checkpoints carry no config)"
+      )
     config = t5x_config
     params = from_t5x(src, config)
   else:
@@ -248,16 +307,32 @@ def convert(source: str, src: str, dst: str, t5x_config: T5Config = None) -> T5C
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m lumenvq.convert_checkpoint",
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--from", dest="source", required=True, choices=["hf", "t5x"],
-                      help="hf: Hugging Face T5 1.1 directory (config.json + "
-                      "safetensors or pytorch_model.bin); t5x: T5X checkpoint_N directory")
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+      "--from",
+      dest="source",
+      required=True,
+      choices=["hf", "t5x"],
+      help="hf: Hugging Face T5 1.1 directory (config.json + "
+      "safetensors or pytorch_model.bin); t5x: T5X checkpoint_N directory",
+  )
   parser.add_argument("src", help="source directory")
   parser.add_argument("--to", dest="dst", required=True, help="output directory")
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="t5x only: model size gin file(s), e.g. gin_configs/models/base.gin")
-  parser.add_argument("--gin", dest="gin_bindings", action="append", default=[],
-                      help="t5x only: extra gin bindings, e.g. 'T5Config.vocab_size=32128'")
+  parser.add_argument(
+      "--gin_file",
+      action="append",
+      default=[],
+      help="t5x only: model size gin file(s), e.g. gin_configs/models/base.gin",
+  )
+  parser.add_argument(
+      "--gin",
+      dest="gin_bindings",
+      action="append",
+      default=[],
+      help="t5x only: extra gin bindings, e.g. 'T5Config.vocab_size=32128'",
+  )
   args = parser.parse_args(argv)
   try:
     t5x_config = None

@@ -14,6 +14,7 @@ CLIs write atomically (checkpoints, store shards with completion markers, metric
 predictions by rename), so an interrupted stage (Ctrl-C) is redone or resumed, never
 mistaken for finished.
 """
+
 import argparse
 import json
 import os
@@ -35,26 +36,43 @@ def _run(title: str, args, done: bool, *, capture: bool = False):
   start = time.time()
   result = subprocess.run(command, text=True, stdout=subprocess.PIPE if capture else None)
   if result.returncode:
-    raise SystemExit(f"demo stage '{title}' failed (exit {result.returncode}); its error is "
-                     "above. Finished stages are kept: rerun to continue from here.")
+    raise SystemExit(
+        f"demo stage '{title}' failed (exit {result.returncode}); its error is "
+        "above. Finished stages are kept: rerun to continue from here."
+    )
   print(f"   ({time.time() - start:.1f} s)", flush=True)
   return result.stdout
 
 
 def _kilt_eval(guess: str, gold: str, *flags) -> dict:
-  return json.loads(subprocess.run(
-      [sys.executable, "-m", "lumenvq.kilt_eval", guess, gold, *flags],
-      check=True, text=True, stdout=subprocess.PIPE).stdout)
+  return json.loads(
+      subprocess.run(
+          [sys.executable, "-m", "lumenvq.kilt_eval", guess, gold, *flags],
+          check=True,
+          text=True,
+          stdout=subprocess.PIPE,
+      ).stdout
+  )
 
 
 def _retrieval_table(out: str, data: str, retrieval: str) -> list:
   rows = []
   for task in TASKS:
-    report = _kilt_eval(os.path.join(retrieval, f"{task}-dev-bm25-kilt.jsonl"),
-                        os.path.join(data, f"{task}-dev-kilt.jsonl"),
-                        "--retrieval", "--ks", "1,5,20", "--rank_keys", "wikipedia_id")
-    rows.append({"task": task, **{k: report[k] for k in
-                                  ("Rprec", "recall@5", "recall@20", "success_rate@5")}})
+    report = _kilt_eval(
+        os.path.join(retrieval, f"{task}-dev-bm25-kilt.jsonl"),
+        os.path.join(data, f"{task}-dev-kilt.jsonl"),
+        "--retrieval",
+        "--ks",
+        "1,5,20",
+        "--rank_keys",
+        "wikipedia_id",
+    )
+    rows.append(
+        {
+            "task": task,
+            **{k: report[k] for k in ("Rprec", "recall@5", "recall@20", "success_rate@5")},
+        }
+    )
   with open(os.path.join(out, "retrieval_metrics.json"), "w") as f:
     json.dump(rows, f, indent=2)
   return rows
@@ -68,34 +86,67 @@ def _checkpoint_done(model_dir: str, step: int) -> bool:
 
 
 def _train(title, model_dir, gin_file, steps, data, extra=()):
-  _run(title, ["lumenvq.train", "--gin_file=gin_configs/runs/train.gin",
-               f"--gin_file={gin_file}", "--gin_file=gin_configs/demo/train.gin",
-               f"--gin.MODEL_DIR='{model_dir}'",
-               f"--gin.TRAIN_STEPS={steps}", f"--gin.demo_data.data_dir='{data}'", *extra],
-       _checkpoint_done(model_dir, steps))
+  _run(
+      title,
+      [
+          "lumenvq.train",
+          "--gin_file=gin_configs/runs/train.gin",
+          f"--gin_file={gin_file}",
+          "--gin_file=gin_configs/demo/train.gin",
+          f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.TRAIN_STEPS={steps}",
+          f"--gin.demo_data.data_dir='{data}'",
+          *extra,
+      ],
+      _checkpoint_done(model_dir, steps),
+  )
 
 
 def _precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
-  _run(title, ["lumenvq.precompute_memory", f"--gin_file={gin_file}",
-               "--gin_file=gin_configs/runs/precompute.gin", f"--gin.MODEL_DIR='{model_dir}'",
-               f"--gin.STORE_PATH='{store}'", f"--gin.PASSAGES_DIR='{passages}'",
-               f"--gin.VOCABULARY_PATH='{vocab}'", "--gin.SHARD_PASSAGES=1024", *extra],
-       os.path.exists(os.path.join(store, "COMPLETE")))
+  _run(
+      title,
+      [
+          "lumenvq.precompute_memory",
+          f"--gin_file={gin_file}",
+          "--gin_file=gin_configs/runs/precompute.gin",
+          f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.STORE_PATH='{store}'",
+          f"--gin.PASSAGES_DIR='{passages}'",
+          f"--gin.VOCABULARY_PATH='{vocab}'",
+          "--gin.SHARD_PASSAGES=1024",
+          *extra,
+      ],
+      os.path.exists(os.path.join(store, "COMPLETE")),
+  )
 
 
 def _storage_rows(stores: dict) -> list:
   """Bytes per memory token of each store on disk (metadata and codebooks included), and
   its compression over uncompressed bf16 memory (d x 2 bytes a token: the first row)."""
   from lumenvq.memory import memory_store  # pylint: disable=g-import-not-at-top  (after the stages)
+
   opened = {name: memory_store.MemoryStore.open(path) for name, path in stores.items()}
   d = next(s.width for s in opened.values() if s.kind == "vectors")
-  rows = [{"memory": "bf16, uncompressed", "kind": "d x 2 bytes", "passages": None,
-           "bytes_on_disk": None, "bytes_per_token": 2.0 * d}]
+  rows = [
+      {
+          "memory": "bf16, uncompressed",
+          "kind": "d x 2 bytes",
+          "passages": None,
+          "bytes_on_disk": None,
+          "bytes_per_token": 2.0 * d,
+      }
+  ]
   for name, store in opened.items():
     size = store.bytes_on_disk()
-    rows.append({"memory": name, "kind": store.kind, "passages": store.num_passages,
-                 "bytes_on_disk": size,
-                 "bytes_per_token": size / (store.num_passages * store.passage_length)})
+    rows.append(
+        {
+            "memory": name,
+            "kind": store.kind,
+            "passages": store.num_passages,
+            "bytes_on_disk": size,
+            "bytes_per_token": size / (store.num_passages * store.passage_length),
+        }
+    )
   for row in rows:
     row["compression"] = rows[0]["bytes_per_token"] / row["bytes_per_token"]
   return rows
@@ -108,39 +159,98 @@ def prepare_data(out: str, args) -> list:
   knowledge_source = os.path.join(data, "kilt_knowledgesource.json")
   # The demo and retrieval CLIs check their own completion records and skip
   # finished work themselves; the others are skipped here by their final file.
-  _run("demo world (KILT-format knowledge source and tasks)",
-       ["lumenvq.data.demo", "--out", data, f"--num_entities={args.num_entities}",
-        f"--train_size={args.train_size}", f"--dev_size={args.dev_size}"], False)
-  _run("passages", ["lumenvq.data.passages", "--knowledge_source", knowledge_source,
-                    "--out", passages, f"--words={args.words}", "--no_progress"],
-       os.path.exists(os.path.join(passages, "manifest.json")))
+  _run(
+      "demo world (KILT-format knowledge source and tasks)",
+      [
+          "lumenvq.data.demo",
+          "--out",
+          data,
+          f"--num_entities={args.num_entities}",
+          f"--train_size={args.train_size}",
+          f"--dev_size={args.dev_size}",
+      ],
+      False,
+  )
+  _run(
+      "passages",
+      [
+          "lumenvq.data.passages",
+          "--knowledge_source",
+          knowledge_source,
+          "--out",
+          passages,
+          f"--words={args.words}",
+          "--no_progress",
+      ],
+      os.path.exists(os.path.join(passages, "manifest.json")),
+  )
   train_files = ",".join(os.path.join(data, f"{t}-train-kilt.jsonl") for t in TASKS)
-  _run("SentencePiece vocabulary (BPE on the knowledge source and training questions)",
-       ["lumenvq.data.train_vocab", "--knowledge_source", knowledge_source,
-        "--out", os.path.join(vocab, "spm"), f"--vocab_size={args.vocab_size}",
-        "--model_type=bpe", "--character_coverage=1.0", f"--kilt_files={train_files}"],
-       os.path.exists(os.path.join(vocab, "spm.model")))
-  _run("BM25 retrieval", ["lumenvq.data.retrieve", "--passages", passages, "--data_dir", data,
-                          "--tasks", ",".join(TASKS), "--splits", "train,dev", "--out",
-                          retrieval, "--k", "20", "--no_progress"], False)
+  _run(
+      "SentencePiece vocabulary (BPE on the knowledge source and training questions)",
+      [
+          "lumenvq.data.train_vocab",
+          "--knowledge_source",
+          knowledge_source,
+          "--out",
+          os.path.join(vocab, "spm"),
+          f"--vocab_size={args.vocab_size}",
+          "--model_type=bpe",
+          "--character_coverage=1.0",
+          f"--kilt_files={train_files}",
+      ],
+      os.path.exists(os.path.join(vocab, "spm.model")),
+  )
+  _run(
+      "BM25 retrieval",
+      [
+          "lumenvq.data.retrieve",
+          "--passages",
+          passages,
+          "--data_dir",
+          data,
+          "--tasks",
+          ",".join(TASKS),
+          "--splits",
+          "train,dev",
+          "--out",
+          retrieval,
+          "--k",
+          "20",
+          "--no_progress",
+      ],
+      False,
+  )
   return _retrieval_table(out, data, retrieval)
 
 
-def train_with_curriculum(name, model_dir, gin_file, curriculum_steps, train_steps, data,
-                          extra=()):
+def train_with_curriculum(name, model_dir, gin_file, curriculum_steps, train_steps, data, extra=()):
   """The demo recipe's two train calls on one MODEL_DIR: single-hop questions on their top
   passage only, then every task on K passages."""
-  _train(f"train {name}, curriculum: single-hop questions, top passage only", model_dir,
-         gin_file, curriculum_steps, data,
-         ["--gin.ReaderConfig.num_passages=1",
-          "--gin.MIXTURE_OR_TASK_NAME='lumenvq_demo_single_hop'", *extra])
+  _train(
+      f"train {name}, curriculum: single-hop questions, top passage only",
+      model_dir,
+      gin_file,
+      curriculum_steps,
+      data,
+      [
+          "--gin.ReaderConfig.num_passages=1",
+          "--gin.MIXTURE_OR_TASK_NAME='lumenvq_demo_single_hop'",
+          *extra,
+      ],
+  )
   _train(f"train {name} on K passages", model_dir, gin_file, train_steps, data, extra)
 
 
 def train_from(title, model_dir, gin_file, steps, data, initial_params, extra=()):
   """A train call initialised from another run's parameters (LUMEN-VQ from LUMEN)."""
-  _train(f"train {title}", model_dir, gin_file, steps, data,
-         [f"--gin.INITIAL_CHECKPOINT_PATH='{initial_params}'", *extra])
+  _train(
+      f"train {title}",
+      model_dir,
+      gin_file,
+      steps,
+      data,
+      [f"--gin.INITIAL_CHECKPOINT_PATH='{initial_params}'", *extra],
+  )
 
 
 def evaluate(title, model_dir, gin_file, step, data, extra=(), output_dir=None) -> dict:
@@ -148,10 +258,20 @@ def evaluate(title, model_dir, gin_file, step, data, extra=(), output_dir=None) 
   Also writes each task's KILT predictions into `output_dir` (default MODEL_DIR/eval)."""
   output_dir = output_dir or os.path.join(model_dir, "eval")
   metrics = os.path.join(output_dir, f"metrics_{step}.json")
-  _run(title, ["lumenvq.eval", "--gin_file=gin_configs/runs/eval.gin", f"--gin_file={gin_file}",
-               f"--gin.MODEL_DIR='{model_dir}'", f"--gin.EVAL_OUTPUT_DIR='{output_dir}'",
-               f"--gin.CHECKPOINT_STEP={step}", f"--gin.demo_data.data_dir='{data}'", *extra],
-       os.path.exists(metrics))
+  _run(
+      title,
+      [
+          "lumenvq.eval",
+          "--gin_file=gin_configs/runs/eval.gin",
+          f"--gin_file={gin_file}",
+          f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.EVAL_OUTPUT_DIR='{output_dir}'",
+          f"--gin.CHECKPOINT_STEP={step}",
+          f"--gin.demo_data.data_dir='{data}'",
+          *extra,
+      ],
+      os.path.exists(metrics),
+  )
   with open(metrics) as f:
     return json.load(f)["metrics"]
 
@@ -163,51 +283,102 @@ def add_arguments(parser) -> None:
   parser.add_argument("--dev_size", type=int, default=500)
   parser.add_argument("--words", type=int, default=28, help="words per passage")
   parser.add_argument("--vocab_size", type=int, default=6000)
-  parser.add_argument("--curriculum_steps", type=int, default=500,
-                      help="LUMEN steps on single-hop questions and their top passage, before all tasks on K")
+  parser.add_argument(
+      "--curriculum_steps",
+      type=int,
+      default=500,
+      help="LUMEN steps on single-hop questions and their top passage, before all tasks on K",
+  )
   parser.add_argument("--train_steps", type=int, default=1500, help="LUMEN steps in all")
-  parser.add_argument("--vq_steps", type=int, default=200,
-                      help="LUMEN-VQ steps from the LUMEN checkpoint")
-  parser.add_argument("--gin_dir", default="gin_configs/demo",
-                      help="the reader experiment files (lumen.gin, lumen_vq.gin)")
-  parser.add_argument("--gin", action="append", default=[],
-                      help="extra gin binding for every model stage, e.g. T5Config.emb_dim=64")
+  parser.add_argument(
+      "--vq_steps", type=int, default=200, help="LUMEN-VQ steps from the LUMEN checkpoint"
+  )
+  parser.add_argument(
+      "--gin_dir",
+      default="gin_configs/demo",
+      help="the reader experiment files (lumen.gin, lumen_vq.gin)",
+  )
+  parser.add_argument(
+      "--gin",
+      action="append",
+      default=[],
+      help="extra gin binding for every model stage, e.g. T5Config.emb_dim=64",
+  )
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m lumenvq.demo", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="python -m lumenvq.demo",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--out", default="demo_out")
   add_arguments(parser)
   args = parser.parse_args(argv)
   if not 0 < args.curriculum_steps < args.train_steps:
-    parser.error(f"--curriculum_steps={args.curriculum_steps} must be in (0, --train_steps="
-                 f"{args.train_steps})")
+    parser.error(
+        f"--curriculum_steps={args.curriculum_steps} must be in (0, --train_steps="
+        f"{args.train_steps})"
+    )
   out = os.path.abspath(args.out)
   data, passages = os.path.join(out, "data"), os.path.join(out, "passages")
   spm_model = os.path.join(out, "vocab", "spm.model")
   lumen_dir = os.path.join(out, "models", "lumen")
   vq_dir = os.path.join(out, "models", "lumen_vq")
-  stores = {"lumen (bf16, zstd)": os.path.join(out, "memory", "lumen"),
-            "lumen_vq (codes)": os.path.join(out, "memory", "lumen_vq")}
+  stores = {
+      "lumen (bf16, zstd)": os.path.join(out, "memory", "lumen"),
+      "lumen_vq (codes)": os.path.join(out, "memory", "lumen_vq"),
+  }
   lumen_gin, vq_gin = (os.path.join(args.gin_dir, f"{a}.gin") for a in ("lumen", "lumen_vq"))
   extra = [f"--gin.{binding}" for binding in args.gin]
   os.makedirs(out, exist_ok=True)
   retrieval_rows = prepare_data(out, args)
-  train_with_curriculum("LUMEN", lumen_dir, lumen_gin, args.curriculum_steps, args.train_steps,
-                        data, extra)
-  train_from("LUMEN-VQ from the LUMEN checkpoint", vq_dir, vq_gin, args.vq_steps, data,
-             os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"), extra)
-  _precompute("precompute the LUMEN-VQ memory store (codes)", vq_dir, vq_gin,
-              stores["lumen_vq (codes)"], passages, spm_model, extra)
-  _precompute("precompute the LUMEN memory store (bf16 vectors, for comparison)", lumen_dir,
-              lumen_gin, stores["lumen (bf16, zstd)"], passages, spm_model, extra)
+  train_with_curriculum(
+      "LUMEN", lumen_dir, lumen_gin, args.curriculum_steps, args.train_steps, data, extra
+  )
+  train_from(
+      "LUMEN-VQ from the LUMEN checkpoint",
+      vq_dir,
+      vq_gin,
+      args.vq_steps,
+      data,
+      os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
+      extra,
+  )
+  _precompute(
+      "precompute the LUMEN-VQ memory store (codes)",
+      vq_dir,
+      vq_gin,
+      stores["lumen_vq (codes)"],
+      passages,
+      spm_model,
+      extra,
+  )
+  _precompute(
+      "precompute the LUMEN memory store (bf16 vectors, for comparison)",
+      lumen_dir,
+      lumen_gin,
+      stores["lumen (bf16, zstd)"],
+      passages,
+      spm_model,
+      extra,
+  )
   eval_dir = os.path.join(vq_dir, "eval_from_store")
-  evaluate("evaluate LUMEN-VQ reading the store (device-resident table)", vq_dir, vq_gin,
-           args.vq_steps, data,
-           ["--gin_file=gin_configs/runs/stored_memory.gin",
-            f"--gin.MEMORY_STORE='{stores['lumen_vq (codes)']}'", "--gin.MEMORY_READER='device'",
-            "--gin.BATCH_SIZE=100", *extra], output_dir=eval_dir)
+  evaluate(
+      "evaluate LUMEN-VQ reading the store (device-resident table)",
+      vq_dir,
+      vq_gin,
+      args.vq_steps,
+      data,
+      [
+          "--gin_file=gin_configs/runs/stored_memory.gin",
+          f"--gin.MEMORY_STORE='{stores['lumen_vq (codes)']}'",
+          "--gin.MEMORY_READER='device'",
+          "--gin.BATCH_SIZE=100",
+          *extra,
+      ],
+      output_dir=eval_dir,
+  )
 
   downstream = []
   for task in TASKS:
@@ -216,27 +387,36 @@ def main(argv=None):
     downstream.append({"task": task, **{k: report[k] for k in DOWNSTREAM}})
   storage = _storage_rows(stores)
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"retrieval": retrieval_rows, "downstream": downstream, "storage": storage}, f,
-              indent=2)
+    json.dump(
+        {"retrieval": retrieval_rows, "downstream": downstream, "storage": storage}, f, indent=2
+    )
 
   print("\nBM25 retrieval on the demo dev sets (KILT retrieval metrics, rank key wikipedia_id)")
   print(f"{'task':<22}{'R-prec':>8}{'recall@5':>10}{'recall@20':>11}{'success@5':>11}")
   for r in retrieval_rows:
-    print(f"{r['task']:<22}{r['Rprec']:>8.3f}{r['recall@5']:>10.3f}{r['recall@20']:>11.3f}"
-          f"{r['success_rate@5']:>11.3f}")
-  print(f"\nLUMEN-VQ reading its quantized memory store, demo dev sets (KILT downstream "
-        f"metrics, %)")
+    print(
+        f"{r['task']:<22}{r['Rprec']:>8.3f}{r['recall@5']:>10.3f}{r['recall@20']:>11.3f}"
+        f"{r['success_rate@5']:>11.3f}"
+    )
+  print(
+      f"\nLUMEN-VQ reading its quantized memory store, demo dev sets (KILT downstream "
+      f"metrics, %)"
+  )
   print(f"{'task':<22}{'EM':>8}{'F1':>8}{'accuracy':>10}{'ROUGE-L':>9}")
   for r in downstream:
-    print(f"{r['task']:<22}{100 * r['em']:>8.1f}{100 * r['f1']:>8.1f}"
-          f"{100 * r['accuracy']:>10.1f}{100 * r['rougel']:>9.1f}")
+    print(
+        f"{r['task']:<22}{100 * r['em']:>8.1f}{100 * r['f1']:>8.1f}"
+        f"{100 * r['accuracy']:>10.1f}{100 * r['rougel']:>9.1f}"
+    )
   print("\nMemory stores on disk (metadata included)")
   print(f"{'memory':<20}{'passages':>9}{'bytes':>12}{'bytes/token':>13}{'compression':>13}")
   for r in storage:
     passages = "" if r["passages"] is None else r["passages"]
     size = "" if r["bytes_on_disk"] is None else f"{r['bytes_on_disk']:,}"
-    print(f"{r['memory']:<20}{passages:>9}{size:>12}{r['bytes_per_token']:>13.1f}"
-          f"{r['compression']:>12.1f}x")
+    print(
+        f"{r['memory']:<20}{passages:>9}{size:>12}{r['bytes_per_token']:>13.1f}"
+        f"{r['compression']:>12.1f}x"
+    )
   print(f"\nEverything is under {out} (results.json holds these tables).")
 
 

@@ -9,6 +9,7 @@ KILT tasks get KILT's prediction format `{"id", "output": [{"answer"}]}`
 `<task>-<split>-<step>.jsonl`, one file per task of a mixture. The decoding
 function is `EncoderDecoderModel.decode_fn` in gin.
 """
+
 import os
 from typing import Callable, Optional
 
@@ -21,12 +22,20 @@ from lumenvq.training import checkpoints, evaluation, gin_cli, input_pipeline, p
 
 
 @gin.configurable
-def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
-          task_feature_lengths: dict = gin.REQUIRED, model=gin.REQUIRED,
-          source_fn: Callable = input_pipeline.get_source, split: str = "validation",
-          checkpoint_step: Optional[int] = None, checkpoint_path: Optional[str] = None,
-          output_dir: Optional[str] = None, output_format: str = "auto",
-          max_examples: Optional[int] = None) -> list:
+def infer(
+    *,
+    model_dir: Optional[str] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    task_feature_lengths: dict = gin.REQUIRED,
+    model=gin.REQUIRED,
+    source_fn: Callable = input_pipeline.get_source,
+    split: str = "validation",
+    checkpoint_step: Optional[int] = None,
+    checkpoint_path: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    output_format: str = "auto",
+    max_examples: Optional[int] = None,
+) -> list:
   """Writes the predictions; returns the paths. `output_format`: auto, kilt or plain."""
   if output_format not in ("auto", "kilt", "plain"):
     raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
@@ -35,9 +44,17 @@ def infer(*, model_dir: Optional[str] = gin.REQUIRED, batch_size: int = gin.REQU
   feed = memory_feed.attach(trainer, step)
   paths = []
   for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
-    pairs, _ = evaluation.predictions(trainer, state, source, split, batch_size,
-                                      max_examples, progress=True, teacher_forced=False,
-                                      prepare=feed.prepare)
+    pairs, _ = evaluation.predictions(
+        trainer,
+        state,
+        source,
+        split,
+        batch_size,
+        max_examples,
+        progress=True,
+        teacher_forced=False,
+        prepare=feed.prepare,
+    )
     kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
     path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
     evaluation.write_predictions(path, source, pairs, kilt)

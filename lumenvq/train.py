@@ -10,6 +10,7 @@ before anything from that step is saved, so the last good checkpoint stays
 the latest. MODEL_DIR gets config.gin, checkpoints/, and TensorBoard events
 in train/ and eval/.
 """
+
 import json
 import os
 from typing import Callable, Optional
@@ -31,34 +32,50 @@ class NonFiniteError(FloatingPointError):
 def _check_finite(pending: list) -> None:
   for step, finite in zip([s for s, _ in pending], jax.device_get([f for _, f in pending])):
     if not finite:
-      raise NonFiniteError(f"loss, gradient or parameters became NaN/inf at step {step}; "
-                           "nothing from that step on was saved")
+      raise NonFiniteError(
+          f"loss, gradient or parameters became NaN/inf at step {step}; "
+          "nothing from that step on was saved"
+      )
   pending.clear()
 
 
 def _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps):
   start = ckpt.latest_step()
   if start is not None:
-    logging.info("Restoring checkpoint %s/%d; continuing from step %d to TRAIN_STEPS=%d",
-                 ckpt.directory, start, start, train_steps)
+    logging.info(
+        "Restoring checkpoint %s/%d; continuing from step %d to TRAIN_STEPS=%d",
+        ckpt.directory,
+        start,
+        start,
+        train_steps,
+    )
     return ckpt.restore(trainer.abstract_state(), start), start
   if initial_checkpoint_path:
     logging.info("Initialising parameters from %s", initial_checkpoint_path)
-    params = checkpoints.restore_param_dir(initial_checkpoint_path,
-                                           trainer.abstract_state().params)
+    params = checkpoints.restore_param_dir(initial_checkpoint_path, trainer.abstract_state().params)
     return trainer.init_state(params), 0
   logging.info("No checkpoint in %s: starting from step 0", ckpt.directory)
   return trainer.init_state(), 0
 
 
 @gin.configurable
-def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED, task_feature_lengths: dict = gin.REQUIRED,
-          model=gin.REQUIRED, source_fn: Callable = input_pipeline.get_source,
-          optimizer: Optional[optimizers.Optimizer] = None, shuffle: bool = True,
-          seed: int = 0, eval_every: int = 0, eval_split: str = "validation",
-          eval_batch_size: Optional[int] = None, max_eval_examples: Optional[int] = None,
-          initial_checkpoint_path: Optional[str] = None) -> int:
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    task_feature_lengths: dict = gin.REQUIRED,
+    model=gin.REQUIRED,
+    source_fn: Callable = input_pipeline.get_source,
+    optimizer: Optional[optimizers.Optimizer] = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    eval_every: int = 0,
+    eval_split: str = "validation",
+    eval_batch_size: Optional[int] = None,
+    max_eval_examples: Optional[int] = None,
+    initial_checkpoint_path: Optional[str] = None,
+) -> int:
   """Trains to `train_steps`; returns the step reached (lower when preempted)."""
   model_dir = checkpoints.check_writable(model_dir)
   mesh = partitioning.make_mesh()
@@ -73,16 +90,24 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     feed = memory_feed.attach(trainer)  # Stored memory: its table, codebooks, host reads.
     state, step = _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps)
     source = source_fn(task_feature_lengths=task_feature_lengths)
-    batches = feed.wrap(input_pipeline.train_batches(
-        source, model.feature_converter(task_feature_lengths), layout, step,
-        shuffle=shuffle, seed=seed))
+    batches = feed.wrap(
+        input_pipeline.train_batches(
+            source,
+            model.feature_converter(task_feature_lengths),
+            layout,
+            step,
+            shuffle=shuffle,
+            seed=seed,
+        )
+    )
     gin_cli.write_config(model_dir)
     watcher = checkpoints.PreemptionWatcher()
     pending = []
     logger.start()
     while step < train_steps:
       state, metrics = trainer.train_step(
-          state, input_pipeline.to_global(next(batches), mesh, batch_size))
+          state, input_pipeline.to_global(next(batches), mesh, batch_size)
+      )
       step += 1
       logger.record(metrics)
       pending.append((step, metrics["finite"]))
@@ -99,9 +124,15 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         break
       if eval_every and step % eval_every == 0:
         with logger.untimed():
-          metrics = evaluation.evaluate(trainer, state, source, eval_split,
-                                        eval_batch_size or batch_size, max_eval_examples,
-                                        prepare=feed.prepare)
+          metrics = evaluation.evaluate(
+              trainer,
+              state,
+              source,
+              eval_split,
+              eval_batch_size or batch_size,
+              max_eval_examples,
+              prepare=feed.prepare,
+          )
           eval_writer.write(step, metrics)
           logging.info("eval at step %d: %s", step, json.dumps(metrics, sort_keys=True))
     else:
@@ -118,5 +149,6 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
 
 
 if __name__ == "__main__":
-  gin_cli.run_configurable(train, (NonFiniteError, checkpoints.CheckpointError,
-                                   partitioning.PartitioningError))
+  gin_cli.run_configurable(
+      train, (NonFiniteError, checkpoints.CheckpointError, partitioning.PartitioningError)
+  )

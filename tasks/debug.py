@@ -4,6 +4,7 @@ The examples come from `lumenvq.data.copy_task` (a pure function of split and
 index), through `seqio.FunctionDataSource` and `seqio.ByteVocabulary`, so the
 SeqIO pipeline and `copy_task.CopySource` produce the same token ids.
 """
+
 import functools
 
 import seqio
@@ -14,11 +15,13 @@ from lumenvq.data import copy_task
 
 def _dataset_fn(split: str, shuffle_files: bool, seed=None, *, task: str) -> tf.data.Dataset:
   del shuffle_files, seed  # One deterministic stream; examples are random already.
-  generator = lambda: (copy_task.text_example(task, split, i)
-                       for i in copy_task.split_indices(split))
+  generator = lambda: (
+      copy_task.text_example(task, split, i) for i in copy_task.split_indices(split)
+  )
   spec = tf.TensorSpec((), tf.string)
   return tf.data.Dataset.from_generator(
-      generator, output_signature={"inputs": spec, "targets": spec})
+      generator, output_signature={"inputs": spec, "targets": spec}
+  )
 
 
 def _register():
@@ -30,11 +33,12 @@ def _register():
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            functools.partial(_dataset_fn, task=name), splits=tuple(copy_task.SPLIT_SIZES)),
-        preprocessors=[seqio.preprocessors.tokenize,
-                       seqio.preprocessors.append_eos_after_trim],
+            functools.partial(_dataset_fn, task=name), splits=tuple(copy_task.SPLIT_SIZES)
+        ),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         output_features=features,
-        metric_fns=[copy_task.sequence_accuracy])
+        metric_fns=[copy_task.sequence_accuracy],
+    )
 
 
 _register()

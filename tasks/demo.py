@@ -22,6 +22,7 @@ Settings (gin, after `import tasks` in the gin file; or the environment):
     demo_data.vocabulary_path  default: DATA_DIR/../vocab/spm.model (or any SentencePiece .model)
     demo_data.num_passages     K passages per question, default 20
 """
+
 import os
 from typing import Optional
 
@@ -30,19 +31,29 @@ import gin
 from lumenvq.data import demo, kilt, seqio_tasks
 
 LAYOUT = seqio_tasks.Layout(
-    configurable="demo_data", env_var="LUMENVQ_DEMO_DIR", default_data_dir=os.path.join("demo_out", "data"),
-    root="..", data_command="python -m lumenvq.data.demo --out {data_dir}", passages_flags=" --words 28",
+    configurable="demo_data",
+    env_var="LUMENVQ_DEMO_DIR",
+    default_data_dir=os.path.join("demo_out", "data"),
+    root="..",
+    data_command="python -m lumenvq.data.demo --out {data_dir}",
+    passages_flags=" --words 28",
     vocab_flags=" --vocab_size 6000 --model_type=bpe --character_coverage=1.0 --kilt_files "
-                + ",".join("{data_dir}/" + kilt.get_task(t).file("train") for t in demo.TASK_NAMES))
+    + ",".join("{data_dir}/" + kilt.get_task(t).file("train") for t in demo.TASK_NAMES),
+)
 
 
 @gin.configurable
-def demo_data(data_dir: Optional[str] = None, passages_dir: Optional[str] = None,
-              retrieval_dir: Optional[str] = None, vocabulary_path: Optional[str] = None,
-              num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES) -> seqio_tasks.TaskData:
+def demo_data(
+    data_dir: Optional[str] = None,
+    passages_dir: Optional[str] = None,
+    retrieval_dir: Optional[str] = None,
+    vocabulary_path: Optional[str] = None,
+    num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES,
+) -> seqio_tasks.TaskData:
   """Where the demo tasks' files are (module doc); read when a dataset is built."""
-  return seqio_tasks.TaskData.resolve(LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path,
-                                      num_passages)
+  return seqio_tasks.TaskData.resolve(
+      LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path, num_passages
+  )
 
 
 def task_name(name: str) -> str:
@@ -54,8 +65,12 @@ def task_name(name: str) -> str:
 
 VOCABULARY = seqio_tasks.LazyVocabulary(demo_data)
 for _name in demo.TASK_NAMES:
-  seqio_tasks.register_task(task_name(_name), kilt.get_task(_name), demo.SPLITS, demo_data, VOCABULARY)
+  seqio_tasks.register_task(
+      task_name(_name), kilt.get_task(_name), demo.SPLITS, demo_data, VOCABULARY
+  )
 seqio_tasks.register_mixture("lumenvq_demo_all", [task_name(name) for name in demo.TASK_NAMES])
 # The demo recipe's curriculum starts here: questions answered by one passage, which teach
 # a reader trained from scratch to read before multi-hop questions and claims join.
-seqio_tasks.register_mixture("lumenvq_demo_single_hop", [task_name("nq"), task_name("structured_zeroshot")])
+seqio_tasks.register_mixture(
+    "lumenvq_demo_single_hop", [task_name("nq"), task_name("structured_zeroshot")]
+)

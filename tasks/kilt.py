@@ -12,6 +12,7 @@ gin parses its files before the CLIs import `tasks`, so a gin file that binds
 `kilt_data.*` starts with `import tasks`. Examples and features:
 `lumenvq.data.seqio_tasks`.
 """
+
 from typing import Optional
 
 import gin
@@ -19,18 +20,27 @@ import gin
 from lumenvq.data import kilt, seqio_tasks
 
 LAYOUT = seqio_tasks.Layout(
-    configurable="kilt_data", env_var="KILT_DATA_DIR", default_data_dir="kilt", root=".",
+    configurable="kilt_data",
+    env_var="KILT_DATA_DIR",
+    default_data_dir="kilt",
+    root=".",
     data_command="python -m lumenvq.data.download_kilt --tasks {task} --splits {split} --out {data_dir}",
-    vocab_flags=" --vocab_size 32000")
+    vocab_flags=" --vocab_size 32000",
+)
 
 
 @gin.configurable
-def kilt_data(data_dir: Optional[str] = None, passages_dir: Optional[str] = None,
-              retrieval_dir: Optional[str] = None, vocabulary_path: Optional[str] = None,
-              num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES) -> seqio_tasks.TaskData:
+def kilt_data(
+    data_dir: Optional[str] = None,
+    passages_dir: Optional[str] = None,
+    retrieval_dir: Optional[str] = None,
+    vocabulary_path: Optional[str] = None,
+    num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES,
+) -> seqio_tasks.TaskData:
   """Where the KILT tasks' files are (module doc); read when a dataset is built."""
-  return seqio_tasks.TaskData.resolve(LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path,
-                                      num_passages)
+  return seqio_tasks.TaskData.resolve(
+      LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path, num_passages
+  )
 
 
 def task_name(name: str) -> str:

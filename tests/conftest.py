@@ -1,4 +1,5 @@
 """Test setup: 8 virtual CPU devices so meshes (4x2, 2x4, 8x1) can be exercised."""
+
 import os
 import shutil
 import sysconfig
@@ -34,4 +35,5 @@ def reader_from_gin():
         return reader_models.ReaderModel()
       finally:
         gin.clear_config()
+
   return build

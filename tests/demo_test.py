@@ -2,6 +2,7 @@
 CLIs on a small world with a 32-dim reader and a few steps, so `make test` keeps it
 working; then a rerun that reuses every finished stage, and one that redoes only the
 stage whose output was removed."""
+
 import json
 import os
 import subprocess
@@ -10,18 +11,39 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--num_entities=120", "--train_size=120", "--dev_size=24", "--vocab_size=600",
-         "--curriculum_steps=2", "--train_steps=4", "--vq_steps=2",
-         *[f"--gin={b}" for b in (
-             "T5Config.vocab_size=704", "T5Config.emb_dim=32", "T5Config.head_dim=8",
-             "T5Config.mlp_dim=64", "ReaderConfig.num_subspaces=4",
-             "ReaderConfig.codebook_size=16", "BATCH_SIZE=8")]]
+SMALL = [
+    "--num_entities=120",
+    "--train_size=120",
+    "--dev_size=24",
+    "--vocab_size=600",
+    "--curriculum_steps=2",
+    "--train_steps=4",
+    "--vq_steps=2",
+    *[
+        f"--gin={b}"
+        for b in (
+            "T5Config.vocab_size=704",
+            "T5Config.emb_dim=32",
+            "T5Config.head_dim=8",
+            "T5Config.mlp_dim=64",
+            "ReaderConfig.num_subspaces=4",
+            "ReaderConfig.codebook_size=16",
+            "BATCH_SIZE=8",
+        )
+    ],
+]
 
 
 def _demo(out):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  result = subprocess.run([sys.executable, "-m", "lumenvq.demo", f"--out={out}", *SMALL],
-                          cwd=REPO, env=env, text=True, capture_output=True, timeout=900)
+  result = subprocess.run(
+      [sys.executable, "-m", "lumenvq.demo", f"--out={out}", *SMALL],
+      cwd=REPO,
+      env=env,
+      text=True,
+      capture_output=True,
+      timeout=900,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -34,14 +56,23 @@ def first_run(tmp_path_factory):
 
 def test_every_stage_runs_and_prints_the_tables(first_run):
   out, stdout = first_run
-  for stage in ("BM25 retrieval", "train LUMEN, curriculum", "train LUMEN on K passages",
-                "train LUMEN-VQ from the LUMEN checkpoint", "precompute the LUMEN-VQ memory store",
-                "evaluate LUMEN-VQ reading the store"):
+  for stage in (
+      "BM25 retrieval",
+      "train LUMEN, curriculum",
+      "train LUMEN on K passages",
+      "train LUMEN-VQ from the LUMEN checkpoint",
+      "precompute the LUMEN-VQ memory store",
+      "evaluate LUMEN-VQ reading the store",
+  ):
     assert f"== {stage}" in stdout
   assert "KILT downstream metrics" in stdout and "Memory stores on disk" in stdout
   results = json.load(open(os.path.join(out, "results.json")))
-  assert [r["task"] for r in results["downstream"]] == ["nq", "hotpotqa", "fever",
-                                                       "structured_zeroshot"]
+  assert [r["task"] for r in results["downstream"]] == [
+      "nq",
+      "hotpotqa",
+      "fever",
+      "structured_zeroshot",
+  ]
   assert all(0 <= r["em"] <= 1 for r in results["downstream"])
   raw, lumen, vq = results["storage"]
   assert raw["bytes_per_token"] == 64 and raw["compression"] == 1  # d = 32 in bf16.
@@ -49,8 +80,9 @@ def test_every_stage_runs_and_prints_the_tables(first_run):
   # 4 one-byte codes: 16x, less the metadata and codebooks, which a store of a few
   # hundred passages does not amortise; zstd gains a little on the bf16 vectors.
   assert 4 < vq["compression"] <= 16 and 0.5 < lumen["compression"] < 4
-  predictions = os.path.join(out, "models", "lumen_vq", "eval_from_store",
-                             "lumenvq_demo_nq-validation-2.jsonl")
+  predictions = os.path.join(
+      out, "models", "lumen_vq", "eval_from_store", "lumenvq_demo_nq-validation-2.jsonl"
+  )
   assert len(open(predictions).readlines()) == 24
 
 

@@ -3,6 +3,7 @@ tiny model through `python -m lumenvq.train`, each feeding its own shard of
 the batch; they save, restore, and stop together when only one of them gets
 SIGTERM. The result matches one process with the same global batch within 1e-5.
 """
+
 import os
 import re
 import signal
@@ -20,8 +21,12 @@ from lumenvq.training import gin_cli, param_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = "gin_configs/debug/tiny_train.gin"
-BINDINGS = ["get_source.backend = 'numpy'", "train.eval_every = 0",
-            "MetricsLogger.log_every = 1", "Checkpointer.save_every = 3"]
+BINDINGS = [
+    "get_source.backend = 'numpy'",
+    "train.eval_every = 0",
+    "MetricsLogger.log_every = 1",
+    "Checkpointer.save_every = 3",
+]
 
 
 def _free_port():
@@ -32,14 +37,29 @@ def _free_port():
 
 def _launch(model_dir, steps, env):
   port = _free_port()
-  return [subprocess.Popen(
-      [sys.executable, "-m", "lumenvq.train", f"--gin_file={GIN_FILE}",
-       *[f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS],
-       f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
-       "--gin.MESH_SHAPE=(2, 2)", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
+  return [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-m",
+              "lumenvq.train",
+              f"--gin_file={GIN_FILE}",
+              *[f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS],
+              f"--gin.MODEL_DIR='{model_dir}'",
+              f"--gin.TRAIN_STEPS={steps}",
+              "--gin.MESH_SHAPE=(2, 2)",
+              f"--coordinator_address=localhost:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
 
 
 def _finish(procs):
@@ -55,7 +75,8 @@ def _params(model_dir, step):
   stored = ocp.StandardCheckpointer().metadata(path).item_metadata["params"]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored
+  )
   return param_io.flat_names(param_io.restore_params(path, abstract))
 
 
@@ -63,8 +84,7 @@ def _train_in_process(model_dir, steps):
   """The single-process reference: 8 devices, mesh (8, 1), the same global batch."""
   with gin.unlock_config():
     gin.clear_config()
-  gin_cli.parse_gin([GIN_FILE], BINDINGS + [f"MODEL_DIR = '{model_dir}'",
-                                            f"TRAIN_STEPS = {steps}"])
+  gin_cli.parse_gin([GIN_FILE], BINDINGS + [f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {steps}"])
   try:
     assert train_cli.train() == steps
   finally:
@@ -73,10 +93,14 @@ def _train_in_process(model_dir, steps):
 
 
 def test_two_processes_train_save_restore_preempt_and_match_one(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   multi = tmp_path / "multi"
   logs = _finish(_launch(multi, 3, env))
   assert all("jax.distributed.initialize(localhost" in log for log in logs)
@@ -93,8 +117,9 @@ def test_two_processes_train_save_restore_preempt_and_match_one(tmp_path):
   rest = _finish(procs)
   logs = [rest[0], "".join(log1) + rest[1]]
   assert all("continuing from step 3" in log for log in logs)
-  stopped = {int(re.search(r"Preempted: saved a checkpoint at step (\d+)", log).group(1))
-             for log in logs}
+  stopped = {
+      int(re.search(r"Preempted: saved a checkpoint at step (\d+)", log).group(1)) for log in logs
+  }
   assert len(stopped) == 1
   step = stopped.pop()
   assert 5 <= step < 100

@@ -1,5 +1,6 @@
 """native: a built library loads; one that was not built is None, with a warning saying
 what its absence costs."""
+
 import ctypes
 
 import pytest

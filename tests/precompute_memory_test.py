@@ -9,6 +9,7 @@ shards and ends byte-identical to an uninterrupted run.
 Every run computes 2 passages per device (8 devices x 16 in this process, 2 x 4 in the
 subprocesses), so the per-device programs and their results are the same.
 """
+
 import json
 import os
 import signal
@@ -31,8 +32,11 @@ from lumenvq.training import checkpoints, optimizers, partitioning, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = ["gin_configs/models/tiny.gin", "gin_configs/architectures/lumen_vq.gin"]
-BINDINGS = ["ReaderConfig.passage_length = 48", "ReaderConfig.codebook_size = 16",
-            "ReaderConfig.light_length = 8"]
+BINDINGS = [
+    "ReaderConfig.passage_length = 48",
+    "ReaderConfig.codebook_size = 16",
+    "ReaderConfig.light_length = 8",
+]
 STEP, SHARD = 7, 4  # Small shards: many of them, so a kill lands mid-run.
 
 
@@ -40,7 +44,8 @@ STEP, SHARD = 7, 4  # Small shards: many of them, so a kill lands mid-run.
 def make_model(reader_from_gin):
   """The reader of GIN_FILES + BINDINGS (what the CLI runs build) for an architecture."""
   return lambda architecture: reader_from_gin(
-      GIN_FILES, BINDINGS + [f"ReaderConfig.architecture = '{architecture}'"])
+      GIN_FILES, BINDINGS + [f"ReaderConfig.architecture = '{architecture}'"]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +57,22 @@ def world(tmp_path_factory, make_model):
   demo.write_demo(data, num_entities=100, train_size=1, dev_size=1)
   source = os.path.join(data, kilt.KNOWLEDGE_SOURCE_FILE)
   passages.build(source, str(root / "passages"), words=12, progress=False)
-  spm = vocab.train_sentencepiece(source, str(root / "vocab" / "spm"), vocab_size=400,
-                                  max_sentences=None, threads=1)
+  spm = vocab.train_sentencepiece(
+      source, str(root / "vocab" / "spm"), vocab_size=400, max_sentences=None, threads=1
+  )
   model = make_model("lumen_vq")
-  t = trainer.Trainer(model, optimizers.make_optimizer(), partitioning.make_mesh(),
-                      partitioning.standard_logical_axis_rules())
+  t = trainer.Trainer(
+      model,
+      optimizers.make_optimizer(),
+      partitioning.make_mesh(),
+      partitioning.standard_logical_axis_rules(),
+  )
   state = t.init_state()
   q = dict(state.model_state["quantizer"]["quantizer"])
   rng = np.random.default_rng(0)
-  q["codebooks"] = jax.device_put(rng.normal(size=q["codebooks"].shape).astype(np.float32),
-                                  q["codebooks"].sharding)
+  q["codebooks"] = jax.device_put(
+      rng.normal(size=q["codebooks"].shape).astype(np.float32), q["codebooks"].sharding
+  )
   q["initialized"] = jax.device_put(np.ones((), bool), q["initialized"].sharding)
   state = state.replace(model_state={"quantizer": {"quantizer": q}})
   ckpt = checkpoints.Checkpointer(str(root / "model" / "checkpoints"))
@@ -69,16 +80,30 @@ def world(tmp_path_factory, make_model):
   ckpt.wait()
   ckpt.close()
   variables = jax.device_get({"params": state.params, **state.model_state})
-  return dict(root=root, passages=str(root / "passages"), vocabulary=spm, model=model,
-              make_model=make_model, variables=variables, model_dir=str(root / "model"))
+  return dict(
+      root=root,
+      passages=str(root / "passages"),
+      vocabulary=spm,
+      model=model,
+      make_model=make_model,
+      variables=variables,
+      model_dir=str(root / "model"),
+  )
 
 
 def _precompute(world, architecture, store, batch_size=16, **kwargs):
   model = world["model"] if architecture == "lumen_vq" else world["make_model"](architecture)
   precompute_memory.precompute(
-      model_dir=world["model_dir"], model=model, store_path=str(store),
-      passages_dir=world["passages"], vocabulary_path=world["vocabulary"],
-      batch_size=batch_size, shard_passages=SHARD, progress=False, **kwargs)
+      model_dir=world["model_dir"],
+      model=model,
+      store_path=str(store),
+      passages_dir=world["passages"],
+      vocabulary_path=world["vocabulary"],
+      batch_size=batch_size,
+      shard_passages=SHARD,
+      progress=False,
+      **kwargs,
+  )
   return model
 
 
@@ -97,26 +122,34 @@ def _tokens(world, lp=48):
   tokens = np.zeros((len(table), lp), np.int32)
   for i, text in enumerate(table.iter_texts()):
     ids = (list(vocabulary.encode(text)) + [vocabulary.eos_id])[:lp]
-    tokens[i, :len(ids)] = ids
+    tokens[i, : len(ids)] = ids
   return tokens
 
 
 def _direct_memory(model, variables, tokens, return_codes):
-  fn = jax.jit(lambda v, t: model.module.apply(v, t, return_codes=return_codes,
-                                               method=readers.Reader.compute_memory))
+  fn = jax.jit(
+      lambda v, t: model.module.apply(
+          v, t, return_codes=return_codes, method=readers.Reader.compute_memory
+      )
+  )
   return jax.device_get(fn(variables, tokens))
 
 
 def test_codes_equal_compute_memory_on_the_same_tokens(world, vq_store):
   model = world["model"]
-  fingerprint = store_fingerprint.fingerprint_for(model, STEP, world["vocabulary"],
-                                             world["passages"])
+  fingerprint = store_fingerprint.fingerprint_for(
+      model, STEP, world["vocabulary"], world["passages"]
+  )
   store = MemoryStore.open(str(vq_store), expected_fingerprint=fingerprint)
   tokens = _tokens(world)
   assert (store.kind, store.num_passages, store.passage_length, store.width, store.dtype) == (
-      "codes", len(tokens), 48, 4, np.uint8)  # d = 64: G = 4 subspaces, C = 16 codes.
-  np.testing.assert_array_equal(store.codebooks,
-                                readers.export_codebooks(world["variables"]))
+      "codes",
+      len(tokens),
+      48,
+      4,
+      np.uint8,
+  )  # d = 64: G = 4 subspaces, C = 16 codes.
+  np.testing.assert_array_equal(store.codebooks, readers.export_codebooks(world["variables"]))
   memory = _direct_memory(model, world["variables"], tokens, True)
   codes, lengths = store.read(np.arange(len(tokens)))
   np.testing.assert_array_equal(lengths, (tokens > 0).sum(-1))
@@ -131,17 +164,24 @@ def test_codes_equal_compute_memory_on_the_same_tokens(world, vq_store):
 def test_lumen_vectors_equal_compute_memory_up_to_bf16(world, architecture):
   path = world["root"] / f"{architecture}_store"
   model = _precompute(world, architecture, path)
-  store = MemoryStore.open(str(path), store_fingerprint.fingerprint_for(
-      model, STEP, world["vocabulary"], world["passages"]))
+  store = MemoryStore.open(
+      str(path),
+      store_fingerprint.fingerprint_for(model, STEP, world["vocabulary"], world["passages"]),
+  )
   tokens = _tokens(world)
   memory = _direct_memory(model, {"params": world["variables"]["params"]}, tokens, False)
   m = model.reader.memory_length  # LUMEN-Light keeps the first 8 tokens' memory.
   assert (store.kind, store.dtype.name, store.passage_length, store.width, store.codebooks) == (
-      "vectors", "bfloat16", m, 64, None)
+      "vectors",
+      "bfloat16",
+      m,
+      64,
+      None,
+  )
   vectors, lengths = store.read(np.arange(len(tokens)))
   np.testing.assert_array_equal(lengths, np.minimum((tokens > 0).sum(-1), m))
   want = np.where(memory.mask[..., None], memory.vectors, 0)
-  np.testing.assert_allclose(vectors.astype(np.float32), want, rtol=2 ** -8, atol=1e-6)
+  np.testing.assert_allclose(vectors.astype(np.float32), want, rtol=2**-8, atol=1e-6)
   assert np.abs(want).max() > 0.1
 
 
@@ -149,8 +189,14 @@ def test_fid_and_unseeded_codebooks_are_refused(world, tmp_path):
   with pytest.raises(precompute_memory.PrecomputeError, match="'fid' has no memory encoder"):
     _precompute(world, "fid", tmp_path / "fid_store")
   assert not (tmp_path / "fid_store").exists()
-  unseeded = {"params": world["variables"]["params"], "quantizer": {"quantizer": dict(
-      world["variables"]["quantizer"]["quantizer"], initialized=np.zeros((), bool))}}
+  unseeded = {
+      "params": world["variables"]["params"],
+      "quantizer": {
+          "quantizer": dict(
+              world["variables"]["quantizer"]["quantizer"], initialized=np.zeros((), bool)
+          )
+      },
+  }
   with pytest.raises(precompute_memory.PrecomputeError, match="codebooks were never init"):
     precompute_memory.store_layout(world["model"], unseeded, "bfloat16")
 
@@ -162,22 +208,33 @@ def _free_port():
 
 
 def _command(world, store, *extra):
-  return [sys.executable, "-m", "lumenvq.precompute_memory",
-          *[f"--gin_file={f}" for f in GIN_FILES + ["gin_configs/runs/precompute.gin"]],
-          *[f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS],
-          f"--gin.MODEL_DIR='{world['model_dir']}'", f"--gin.STORE_PATH='{store}'",
-          f"--gin.PASSAGES_DIR='{world['passages']}'",
-          f"--gin.VOCABULARY_PATH='{world['vocabulary']}'", "--gin.BATCH_SIZE=4",
-          f"--gin.SHARD_PASSAGES={SHARD}", *extra]
+  return [
+      sys.executable,
+      "-m",
+      "lumenvq.precompute_memory",
+      *[f"--gin_file={f}" for f in GIN_FILES + ["gin_configs/runs/precompute.gin"]],
+      *[f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS],
+      f"--gin.MODEL_DIR='{world['model_dir']}'",
+      f"--gin.STORE_PATH='{store}'",
+      f"--gin.PASSAGES_DIR='{world['passages']}'",
+      f"--gin.VOCABULARY_PATH='{world['vocabulary']}'",
+      "--gin.BATCH_SIZE=4",
+      f"--gin.SHARD_PASSAGES={SHARD}",
+      *extra,
+  ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _files(store):
@@ -201,17 +258,32 @@ def _assert_same_store(got, want):
 def test_two_processes_write_disjoint_shards_of_the_same_store(world, vq_store, env, tmp_path):
   store = tmp_path / "store"
   port = _free_port()
-  procs = [subprocess.Popen(
-      _command(world, store, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-               f"--process_id={i}"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          _command(
+              world,
+              store,
+              f"--coordinator_address=localhost:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+          ),
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   logs = [p.communicate(timeout=300)[1] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
   assert "jax.distributed.initialize(localhost" in logs[1]
   assert "is COMPLETE" in logs[0] and "is COMPLETE" not in logs[1]  # Process 0 finalizes.
-  owners = {int(name): json.loads((store / "done" / name).read_text())["process_index"]
-            for name in os.listdir(store / "done")}
+  owners = {
+      int(name): json.loads((store / "done" / name).read_text())["process_index"]
+      for name in os.listdir(store / "done")
+  }
   assert owners == {shard: shard % 2 for shard in range(len(owners))}
   assert len(owners) == MemoryStore.open(str(store)).num_shards > 50
   _assert_same_store(store, vq_store)
@@ -219,8 +291,13 @@ def test_two_processes_write_disjoint_shards_of_the_same_store(world, vq_store, 
 
 def test_kill_9_then_rerun_completes_a_byte_identical_store(world, vq_store, env, tmp_path):
   store = tmp_path / "store"
-  proc = subprocess.Popen(_command(world, store), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      _command(world, store),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   first = store / "done" / "0"
   deadline = time.time() + 240
   while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -231,8 +308,9 @@ def test_kill_9_then_rerun_completes_a_byte_identical_store(world, vq_store, env
   done = sorted(int(name) for name in os.listdir(store / "done"))
   print(f"killed after {len(done)} of {num_shards} shards")
   assert 1 <= len(done) < num_shards
-  with pytest.raises(memory_store.StoreError,
-                     match=f"incomplete: {len(done)} of {num_shards} shards done; rerun"):
+  with pytest.raises(
+      memory_store.StoreError, match=f"incomplete: {len(done)} of {num_shards} shards done; rerun"
+  ):
     MemoryStore.open(str(store))
   marker_times = {s: os.stat(store / "done" / str(s)).st_mtime_ns for s in done}
   _precompute(world, "lumen_vq", store)

@@ -9,6 +9,7 @@ passages' memory gives another loss.
 stored_memory_test checks the readers on a store written directly through MemoryStore and
 precompute_memory_test the stored codes; here the two meet through real files.
 """
+
 import os
 
 import gin
@@ -27,8 +28,11 @@ from lumenvq.training import checkpoints, evaluation, input_pipeline, optimizers
 TASK = "lumenvq_demo_nq"
 K, LP, BATCH, STEP = 4, 32, 8, 1
 LENGTHS = {"inputs": 32, "targets": 8}
-BINDINGS = [f"ReaderConfig.num_passages = {K}", f"ReaderConfig.passage_length = {LP}",
-            "ReaderConfig.codebook_size = 16"]
+BINDINGS = [
+    f"ReaderConfig.num_passages = {K}",
+    f"ReaderConfig.passage_length = {LP}",
+    "ReaderConfig.codebook_size = 16",
+]
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -44,11 +48,17 @@ def world(tmp_path_factory, reader_from_gin):
   demo.write_demo(data, num_entities=100, train_size=BATCH, dev_size=12)
   source = os.path.join(data, kilt.KNOWLEDGE_SOURCE_FILE)
   passages.build(source, str(root / "passages"), words=12, progress=False)
-  spm = vocab.train_sentencepiece(source, str(root / "vocab" / "spm"), vocab_size=400,
-                                  max_sentences=None, threads=1)
+  spm = vocab.train_sentencepiece(
+      source, str(root / "vocab" / "spm"), vocab_size=400, max_sentences=None, threads=1
+  )
   nq = kilt.get_task("nq")
-  retrieve.run(str(root / "passages"), [os.path.join(data, nq.file(s)) for s in ("train", "dev")],
-               str(root / "retrieval"), k=K, progress=False)
+  retrieve.run(
+      str(root / "passages"),
+      [os.path.join(data, nq.file(s)) for s in ("train", "dev")],
+      str(root / "retrieval"),
+      k=K,
+      progress=False,
+  )
   model = reader_from_gin(GIN_FILES, BINDINGS)  # d = 64: G = 4 subspaces, C = 16 codes.
   with pytest.MonkeyPatch.context() as env:
     env.setenv("LUMENVQ_DEMO_DIR", data)
@@ -56,10 +66,17 @@ def world(tmp_path_factory, reader_from_gin):
       gin.bind_parameter("Trainer.compiler_options", FAST_COMPILE)
     try:
       source = input_pipeline.SeqioSource(TASK, LENGTHS)
-      t = trainer.Trainer(model, optimizers.make_optimizer(), partitioning.make_mesh(),
-                          partitioning.standard_logical_axis_rules())
-      batch = next(input_pipeline.train_batches(source, model.feature_converter(LENGTHS),
-                                                input_pipeline.data_layout(t.mesh, BATCH), 0))
+      t = trainer.Trainer(
+          model,
+          optimizers.make_optimizer(),
+          partitioning.make_mesh(),
+          partitioning.standard_logical_axis_rules(),
+      )
+      batch = next(
+          input_pipeline.train_batches(
+              source, model.feature_converter(LENGTHS), input_pipeline.data_layout(t.mesh, BATCH), 0
+          )
+      )
       state, _ = t.train_step(t.init_state(), input_pipeline.to_global(batch, t.mesh, BATCH))
       assert bool(state.model_state["quantizer"]["quantizer"]["initialized"])
       ckpt = checkpoints.Checkpointer(str(root / "model" / "checkpoints"))
@@ -68,11 +85,23 @@ def world(tmp_path_factory, reader_from_gin):
       ckpt.close()
       store = str(root / "store")
       precompute_memory.precompute(
-          model_dir=str(root / "model"), model=model, store_path=store,
-          passages_dir=str(root / "passages"), vocabulary_path=spm, batch_size=16,
-          shard_passages=64, progress=False)
-      yield dict(model=model, source=source, model_dir=str(root / "model"), store=store,
-                 vocabulary=spm, passages=str(root / "passages"))
+          model_dir=str(root / "model"),
+          model=model,
+          store_path=store,
+          passages_dir=str(root / "passages"),
+          vocabulary_path=spm,
+          batch_size=16,
+          shard_passages=64,
+          progress=False,
+      )
+      yield dict(
+          model=model,
+          source=source,
+          model_dir=str(root / "model"),
+          store=store,
+          vocabulary=spm,
+          passages=str(root / "passages"),
+      )
     finally:
       with gin.unlock_config():
         gin.clear_config()
@@ -82,9 +111,16 @@ def _evaluate(world, reader, roll=0):
   """(predictions, metric sums, feed) of the dev split with memory from `reader`, as the eval
   CLI sets it up; `roll` shifts passage ids across the batch (other passages' memory)."""
   base = world["model"]
-  memory = (stored_memory.MemorySource() if reader == "compute" else stored_memory.MemorySource(
-      reader, world["store"], vocabulary_path=world["vocabulary"],
-      passage_table_dir=world["passages"]))
+  memory = (
+      stored_memory.MemorySource()
+      if reader == "compute"
+      else stored_memory.MemorySource(
+          reader,
+          world["store"],
+          vocabulary_path=world["vocabulary"],
+          passage_table_dir=world["passages"],
+      )
+  )
   model = reader_models.ReaderModel(base.config, base.reader, memory=memory)
   t, state, step = eval_lib.inference_setup(model, world["model_dir"], None, None)
   assert step == STEP
@@ -92,8 +128,9 @@ def _evaluate(world, reader, roll=0):
   prepare = feed.prepare
   if roll:
     prepare = lambda b: feed.prepare({**b, "passage_ids": np.roll(b["passage_ids"], roll, 0)})
-  pairs, sums = evaluation.predictions(t, state, world["source"], "validation", BATCH,
-                                       prepare=prepare)
+  pairs, sums = evaluation.predictions(
+      t, state, world["source"], "validation", BATCH, prepare=prepare
+  )
   return [text for _, text in pairs], jax.device_get(sums), feed
 
 

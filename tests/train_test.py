@@ -6,6 +6,7 @@ MODEL_DIR, and gin typos.
 The runs use the debug task's numpy backend (no seqio import) and share a
 persistent XLA compilation cache, so only the first run compiles.
 """
+
 import glob
 import json
 import os
@@ -31,21 +32,31 @@ SAVE_EVERY = 5
 
 def _env(cache_dir):
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   return env
 
 
 def _command(model_dir, steps=STEPS, *extra, gin_files=("gin_configs/debug/tiny_train.gin",)):
-  return [sys.executable, "-m", "lumenvq.train",
-          *[f"--gin_file={f}" for f in gin_files],
-          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
-          "--gin.get_source.backend='numpy'", "--gin.train.eval_every=0",
-          "--gin.T5Config.dropout_rate=0.1",  # Resumed dropout masks must match too.
-          "--gin.MetricsLogger.log_every=1", f"--gin.Checkpointer.save_every={SAVE_EVERY}",
-          *extra]
+  return [
+      sys.executable,
+      "-m",
+      "lumenvq.train",
+      *[f"--gin_file={f}" for f in gin_files],
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f"--gin.TRAIN_STEPS={steps}",
+      "--gin.get_source.backend='numpy'",
+      "--gin.train.eval_every=0",
+      "--gin.T5Config.dropout_rate=0.1",  # Resumed dropout masks must match too.
+      "--gin.MetricsLogger.log_every=1",
+      f"--gin.Checkpointer.save_every={SAVE_EVERY}",
+      *extra,
+  ]
 
 
 def _run(env, *args, **kwargs):
@@ -53,8 +64,7 @@ def _run(env, *args, **kwargs):
 
 
 def _call(env, command):
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _events(log_dir, tag="loss"):
@@ -65,15 +75,16 @@ def _events(log_dir, tag="loss"):
   record cut short by kill -9 ends the file.
   """
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   values = {}
   for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
     data = open(path, "rb").read()
     pos = 0
     while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
       if pos + 12 + length + 4 > len(data):
         break
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for value in event.summary.value:
         if value.tag == tag:
@@ -82,13 +93,13 @@ def _events(log_dir, tag="loss"):
 
 
 def _final_params(model_dir, step=STEPS):
-  return param_io.flat_names(param_io.restore_params(
-      os.path.join(model_dir, "checkpoints", str(step), "params")))
+  return param_io.flat_names(
+      param_io.restore_params(os.path.join(model_dir, "checkpoints", str(step), "params"))
+  )
 
 
 def _steps(model_dir):
-  return sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints"))
-                if d.isdigit())
+  return sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +124,23 @@ def _assert_same_run(model_dir, straight):
   losses = _events(os.path.join(model_dir, "train"))
   assert sorted(losses) == list(range(1, STEPS + 1))
   for step, values in losses.items():  # Steps logged twice (before a kill) agree too.
-    np.testing.assert_allclose(values, ref_losses[step] * len(values), rtol=1e-6,
-                               err_msg=f"step {step}")
+    np.testing.assert_allclose(
+        values, ref_losses[step] * len(values), rtol=1e-6, err_msg=f"step {step}"
+    )
 
 
 def test_straight_run_writes_events_config_and_checkpoints(straight):
   model_dir, losses, _, result = straight
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert losses[STEPS][0] < losses[1][0]
-  for tag in ("accuracy", "learning_rate", "grad_norm", "steps_per_second",
-              "tokens_per_second", "z_loss"):
+  for tag in (
+      "accuracy",
+      "learning_rate",
+      "grad_norm",
+      "steps_per_second",
+      "tokens_per_second",
+      "z_loss",
+  ):
     assert sorted(_events(os.path.join(model_dir, "train"), tag)) == list(range(1, STEPS + 1))
   assert _steps(model_dir) == [10, 15, 20]  # Every 5 steps, the newest 3 kept.
   config = open(os.path.join(model_dir, "config.gin")).read()
@@ -142,8 +160,14 @@ def _resume_and_compare(env, model_dir, straight, expected_log):
 
 def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path):
   model_dir = str(tmp_path / "model")
-  proc = subprocess.Popen(_command(model_dir), cwd=REPO, env=env, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+      _command(model_dir),
+      cwd=REPO,
+      env=env,
+      stderr=subprocess.PIPE,
+      stdout=subprocess.DEVNULL,
+      text=True,
+  )
   log = []
   for line in proc.stderr:
     log.append(line)
@@ -156,14 +180,16 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path)
   print(f"SIGTERM after step 3 was logged: saved step {saved}")
   assert 3 <= saved < STEPS, f"the run was not interrupted early enough (saved {saved})"
   assert f"Preempted: saved a checkpoint at step {saved}" in "".join(log)
-  _resume_and_compare(env, model_dir, straight,
-                      f"continuing from step {saved} to TRAIN_STEPS={STEPS}")
+  _resume_and_compare(
+      env, model_dir, straight, f"continuing from step {saved} to TRAIN_STEPS={STEPS}"
+  )
 
 
 def test_kill_9_after_a_saved_step_resumes_from_it(env, straight, tmp_path):
   model_dir = str(tmp_path / "model")
-  proc = subprocess.Popen(_command(model_dir), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      _command(model_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   first = os.path.join(model_dir, "checkpoints", str(SAVE_EVERY))
   deadline = time.time() + 240
   while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
@@ -189,9 +215,14 @@ def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(env, straight, t
 
 def test_finetune_starts_from_initial_checkpoint_params(env, straight, tmp_path):
   initial = os.path.join(straight[0], "checkpoints", str(STEPS), "params")
-  result = _run(env, str(tmp_path / "model"), 2, f"--gin.INITIAL_CHECKPOINT_PATH='{initial}'",
-                "--gin.constant_schedule.value=0.01",
-                gin_files=("gin_configs/runs/finetune.gin", "gin_configs/debug/tiny_task.gin"))
+  result = _run(
+      env,
+      str(tmp_path / "model"),
+      2,
+      f"--gin.INITIAL_CHECKPOINT_PATH='{initial}'",
+      "--gin.constant_schedule.value=0.01",
+      gin_files=("gin_configs/runs/finetune.gin", "gin_configs/debug/tiny_task.gin"),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Initialising parameters from {initial}" in result.stderr
   losses = _events(str(tmp_path / "model" / "train"))
@@ -203,38 +234,69 @@ def test_finetune_starts_from_initial_checkpoint_params(env, straight, tmp_path)
 def test_checkpoint_of_another_shape_names_the_parameter(env, straight):
   result = _run(env, straight[0], 30, "--gin.T5Config.mlp_dim=96")
   assert result.returncode == 1
-  assert ("parameter decoder/layers_0/mlp/wi_0/kernel has shape (64, 128), the config "
-          "expects (64, 96)") in result.stderr
+  assert (
+      "parameter decoder/layers_0/mlp/wi_0/kernel has shape (64, 128), the config "
+      "expects (64, 96)"
+  ) in result.stderr
   assert _steps(straight[0]) == [10, 15, 20]
 
 
 def test_eval_and_infer_clis_on_another_mesh(env, straight):
   model_dir = straight[0]
-  common = ["--gin_file=gin_configs/debug/tiny_task.gin", f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.get_source.backend='numpy'", "--gin.MESH_SHAPE=(1, 2)"]
-  result = _call(env, [sys.executable, "-m", "lumenvq.eval",
-                       "--gin_file=gin_configs/runs/eval.gin", *common,
-                       "--gin.evaluate.max_examples=20"])
+  common = [
+      "--gin_file=gin_configs/debug/tiny_task.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.get_source.backend='numpy'",
+      "--gin.MESH_SHAPE=(1, 2)",
+  ]
+  result = _call(
+      env,
+      [
+          sys.executable,
+          "-m",
+          "lumenvq.eval",
+          "--gin_file=gin_configs/runs/eval.gin",
+          *common,
+          "--gin.evaluate.max_examples=20",
+      ],
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.load(open(os.path.join(model_dir, "eval", f"metrics_{STEPS}.json")))
   assert report["step"] == STEPS and report["metrics"]["examples"] == 20
-  assert set(report["metrics"]) == {"sequence_accuracy", "loss", "token_accuracy", "examples",
-                                    "seconds_per_example"}
+  assert set(report["metrics"]) == {
+      "sequence_accuracy",
+      "loss",
+      "token_accuracy",
+      "examples",
+      "seconds_per_example",
+  }
   assert report["metrics"]["seconds_per_example"] > 0
   predictions = os.path.join(model_dir, "eval", f"lumenvq_debug_copy-validation-{STEPS}.jsonl")
   assert len(open(predictions).readlines()) == 20
   assert _events(os.path.join(model_dir, "eval"), "loss")[STEPS] == [
-      pytest.approx(report["metrics"]["loss"], rel=1e-6)]
-  result = _call(env, [sys.executable, "-m", "lumenvq.infer",
-                       "--gin_file=gin_configs/runs/infer.gin", *common,
-                       "--gin.infer.max_examples=20"])
+      pytest.approx(report["metrics"]["loss"], rel=1e-6)
+  ]
+  result = _call(
+      env,
+      [
+          sys.executable,
+          "-m",
+          "lumenvq.infer",
+          "--gin_file=gin_configs/runs/infer.gin",
+          *common,
+          "--gin.infer.max_examples=20",
+      ],
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "20/20" in result.stderr  # The progress bar.
   path = os.path.join(model_dir, "infer", f"lumenvq_debug_copy-validation-{STEPS}.jsonl")
   records = [json.loads(line) for line in open(path)]
   assert len(records) == 20 and set(records[0]) == {"inputs", "prediction", "targets"}
-  assert records[3]["inputs"] == copy_task.text_example(
-      "lumenvq_debug_copy", "validation", 3)["inputs"] == records[3]["targets"]
+  assert (
+      records[3]["inputs"]
+      == copy_task.text_example("lumenvq_debug_copy", "validation", 3)["inputs"]
+      == records[3]["targets"]
+  )
 
 
 def test_unwritable_model_dir_fails_first_with_the_path(env, tmp_path):
@@ -252,9 +314,10 @@ def test_gin_typo_stops_with_the_closest_names(env, tmp_path):
   assert "doesn't have a parameter named 'emb_dimm'" in result.stderr
   assert "Closest names to 'emb_dimm': emb_dim" in result.stderr
   assert not os.path.exists(tmp_path / "model")
-  for binding, hint in [("Trainr.seed = 1", "Closest names to 'Trainr': Trainer"),
-                        ("train.model_dir = %MODEL_DR",
-                         "Closest names to 'MODEL_DR': MODEL_DIR")]:
+  for binding, hint in [
+      ("Trainr.seed = 1", "Closest names to 'Trainr': Trainer"),
+      ("train.model_dir = %MODEL_DR", "Closest names to 'MODEL_DR': MODEL_DIR"),
+  ]:
     with gin.unlock_config():
       gin.clear_config()
     with pytest.raises(gin_cli.GinConfigError, match=hint):
@@ -266,4 +329,7 @@ def test_gin_typo_stops_with_the_closest_names(env, tmp_path):
 
 def test_gin_flags_are_rewritten_like_t5x():
   assert gin_cli.rewrite_gin_args(["prog", "--gin.MODEL_DIR='/tmp/a=b'", "--gin_file=x.gin"]) == [
-      "prog", "--gin_bindings=MODEL_DIR = '/tmp/a=b'", "--gin_file=x.gin"]
+      "prog",
+      "--gin_bindings=MODEL_DIR = '/tmp/a=b'",
+      "--gin_file=x.gin",
+  ]

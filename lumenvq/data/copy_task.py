@@ -9,6 +9,7 @@ seqio (the import costs ~14 s), for tests and quick runs. Both give the same
 token ids, trimming and per-process sharding (`tf.data.Dataset.shard`'s
 interleaving: shard i of n holds the examples i, i+n, i+2n, ...).
 """
+
 import itertools
 from typing import Iterator, Optional, Sequence
 
@@ -46,7 +47,7 @@ def encode(text: str, length: Optional[int]) -> np.ndarray:
   """Byte ids + EOS, trimmed to `length` first (seqio's append_eos_after_trim)."""
   ids = [b + NUM_SPECIAL for b in text.encode("utf-8")]
   if length is not None:
-    ids = ids[:length - 1]
+    ids = ids[: length - 1]
   return np.asarray(ids + [EOS_ID], np.int32)
 
 
@@ -54,9 +55,10 @@ def decode(ids: Sequence[int]) -> str:
   """Text up to the first EOS, special ids dropped (seqio.ByteVocabulary.decode)."""
   ids = [int(i) for i in ids]
   if EOS_ID in ids:
-    ids = ids[:ids.index(EOS_ID)]
-  return bytes(i - NUM_SPECIAL for i in ids
-               if NUM_SPECIAL <= i < BYTE_VOCAB_SIZE).decode("utf-8", errors="ignore")
+    ids = ids[: ids.index(EOS_ID)]
+  return bytes(i - NUM_SPECIAL for i in ids if NUM_SPECIAL <= i < BYTE_VOCAB_SIZE).decode(
+      "utf-8", errors="ignore"
+  )
 
 
 def sequence_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict:
@@ -76,15 +78,25 @@ class CopySource:
 
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: dict):
     if mixture_or_task_name not in self.TASKS:
-      raise ValueError(f"{type(self).__name__} serves only the debug tasks "
-                       f"{sorted(self.TASKS)}, not {mixture_or_task_name!r} "
-                       "(MIXTURE_OR_TASK_NAME)")
+      raise ValueError(
+          f"{type(self).__name__} serves only the debug tasks "
+          f"{sorted(self.TASKS)}, not {mixture_or_task_name!r} "
+          "(MIXTURE_OR_TASK_NAME)"
+      )
     self.name = mixture_or_task_name
     self.feature_lengths = dict(task_feature_lengths)
 
-  def examples(self, split: str, *, shard_index: int = 0, num_shards: int = 1,
-               shuffle: bool = False, seed: int = 0, repeat: bool = False,
-               skip: int = 0) -> Iterator[dict]:
+  def examples(
+      self,
+      split: str,
+      *,
+      shard_index: int = 0,
+      num_shards: int = 1,
+      shuffle: bool = False,
+      seed: int = 0,
+      repeat: bool = False,
+      skip: int = 0,
+  ) -> Iterator[dict]:
     """Tokenized examples of this process's shard, the first `skip` left out.
 
     The debug examples are already random, so `shuffle` and `seed` change nothing.
@@ -99,10 +111,12 @@ class CopySource:
   def example(self, split: str, index: int) -> dict:
     """Example `index` of `split`, tokenized."""
     text = text_example(self.name, split, index)
-    return {"inputs": encode(text["inputs"], self.feature_lengths.get("inputs")),
-            "targets": encode(text["targets"], self.feature_lengths.get("targets")),
-            "inputs_pretokenized": text["inputs"],
-            "targets_pretokenized": text["targets"]}
+    return {
+        "inputs": encode(text["inputs"], self.feature_lengths.get("inputs")),
+        "targets": encode(text["targets"], self.feature_lengths.get("targets")),
+        "inputs_pretokenized": text["inputs"],
+        "targets_pretokenized": text["targets"],
+    }
 
   def decode(self, ids) -> str:
     return decode(ids)

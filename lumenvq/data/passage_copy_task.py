@@ -10,6 +10,7 @@ batches exercise the converter's padding and truncation. Examples are pure funct
 (split, index), like `copy_task`'s, in the same byte vocabulary, served by
 `PassageCopySource` (the `copy_task.CopySource` interface, plus `passage_tokens`).
 """
+
 import gin
 import numpy as np
 
@@ -26,8 +27,11 @@ def _words(rng, n: int) -> list:
   """n distinct random lowercase words."""
   words = []
   while len(words) < n:
-    word = "".join(rng.choice(list(copy_task.ALPHABET),
-                              size=rng.integers(WORD_LENGTHS[0], WORD_LENGTHS[1] + 1)))
+    word = "".join(
+        rng.choice(
+            list(copy_task.ALPHABET), size=rng.integers(WORD_LENGTHS[0], WORD_LENGTHS[1] + 1)
+        )
+    )
     if word not in words:
       words.append(word)
   return words
@@ -36,13 +40,14 @@ def _words(rng, n: int) -> list:
 def text_example(split: str, index: int) -> dict:
   """{"inputs": key, "targets": value, "passages": ["key value filler...", ...]}."""
   if split not in _SPLIT_SEEDS:
-    raise ValueError(f"debug task lumenvq_debug_passage_copy has no split {split!r}; it has "
-                     f"{sorted(_SPLIT_SEEDS)}")
+    raise ValueError(
+        f"debug task lumenvq_debug_passage_copy has no split {split!r}; it has "
+        f"{sorted(_SPLIT_SEEDS)}"
+    )
   rng = np.random.default_rng([_SPLIT_SEEDS[split], index])
   keys, values = _words(rng, NUM_PASSAGES), _words(rng, NUM_PASSAGES)
   count = NUM_PASSAGES - 1 if rng.random() < 0.25 else NUM_PASSAGES
-  passages = [" ".join([keys[i], values[i]] + _words(rng, FILLER_WORDS))
-              for i in range(count)]
+  passages = [" ".join([keys[i], values[i]] + _words(rng, FILLER_WORDS)) for i in range(count)]
   return {"inputs": keys[0], "targets": values[0], "passages": passages}
 
 
@@ -54,8 +59,10 @@ class PassageCopySource(copy_task.CopySource):
 
   def example(self, split: str, index: int) -> dict:
     text = text_example(split, index)
-    return {"inputs": copy_task.encode(text["inputs"], self.feature_lengths.get("inputs")),
-            "targets": copy_task.encode(text["targets"], self.feature_lengths.get("targets")),
-            "passage_tokens": [copy_task.encode(p, None) for p in text["passages"]],
-            "inputs_pretokenized": text["inputs"],
-            "targets_pretokenized": text["targets"]}
+    return {
+        "inputs": copy_task.encode(text["inputs"], self.feature_lengths.get("inputs")),
+        "targets": copy_task.encode(text["targets"], self.feature_lengths.get("targets")),
+        "passage_tokens": [copy_task.encode(p, None) for p in text["passages"]],
+        "inputs_pretokenized": text["inputs"],
+        "targets_pretokenized": text["targets"],
+    }

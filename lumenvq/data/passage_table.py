@@ -5,6 +5,7 @@ passage id. It lives apart from the builder so that readers (retrieval, the
 SeqIO tasks, the memory precompute) import numpy alone, not the builder and
 its CLI.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,175 +16,198 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-FORMAT_VERSION = 1  # of the on-disk layout; the builder writes it into the manifest, the reader checks it
+FORMAT_VERSION = (
+    1  # of the on-disk layout; the builder writes it into the manifest, the reader checks it
+)
 MANIFEST = "manifest.json"  # written last by the builder: the table exists once it is there
 
 
 @dataclasses.dataclass(frozen=True)
 class Passage:
-    """One passage; `text` is already title-prefixed (manifest `passage_format`)."""
+  """One passage; `text` is already title-prefixed (manifest `passage_format`)."""
 
-    id: int
-    wikipedia_id: str
-    title: str
-    text: str
-    start_paragraph_id: int
-    end_paragraph_id: int
-    start_character: int
-    end_character: int
+  id: int
+  wikipedia_id: str
+  title: str
+  text: str
+  start_paragraph_id: int
+  end_paragraph_id: int
+  start_character: int
+  end_character: int
 
 
 class _Shard:
-    def __init__(self, directory: str):
-        load = lambda name: np.load(os.path.join(directory, name), mmap_mode="r")  # noqa: E731
-        self.text_offsets, self.spans = load("text_offsets.npy"), load("spans.npy")
-        self.page_offsets = load("page_offsets.npy")
-        self.text, self.pages = (_blob(os.path.join(directory, n)) for n in ("text.bin", "pages.bin"))
+
+  def __init__(self, directory: str):
+    load = lambda name: np.load(os.path.join(directory, name), mmap_mode="r")  # noqa: E731
+    self.text_offsets, self.spans = load("text_offsets.npy"), load("spans.npy")
+    self.page_offsets = load("page_offsets.npy")
+    self.text, self.pages = (_blob(os.path.join(directory, n)) for n in ("text.bin", "pages.bin"))
 
 
 def _blob(path: str) -> np.ndarray:
-    # np.memmap refuses empty files (a shard may hold no pages).
-    return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+  # np.memmap refuses empty files (a shard may hold no pages).
+  return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
 
 
 class PassageTable:
-    """Read-only passage table: `len`, `table[id]`, `get(ids)`, page and provenance lookups.
+  """Read-only passage table: `len`, `table[id]`, `get(ids)`, page and provenance lookups.
 
-    Everything is memory-mapped and opened lazily, so a table is cheap to
-    create in every worker process and pickles as its directory name.
+  Everything is memory-mapped and opened lazily, so a table is cheap to
+  create in every worker process and pickles as its directory name.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = os.fspath(directory)
+    path = os.path.join(self.directory, MANIFEST)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{self.directory} is not a finished passage table: {MANIFEST} is missing "
+          "(build it with python -m lumenvq.data.passages, which finalizes last)"
+      )
+    with open(path) as f:
+      self.manifest: dict[str, Any] = json.load(f)
+    if self.manifest.get("format_version") != FORMAT_VERSION:
+      raise ValueError(
+          f"{path} has format_version {self.manifest.get('format_version')}; this code reads "
+          f"{FORMAT_VERSION}: rebuild the table"
+      )
+    shards = self.manifest["shards"]
+    self._passage_starts = np.cumsum([0] + [s["num_passages"] for s in shards])
+    self._page_starts = np.cumsum([0] + [s["num_pages"] for s in shards])
+    self._shards: list[_Shard | None] = [None] * len(shards)
+    index = os.path.join(self.directory, "index")
+    load = lambda name: np.load(os.path.join(index, name), mmap_mode="r")  # noqa: E731
+    self._passage_page, self._page_first = load("passage_page.npy"), load("page_first.npy")
+    self._page_keys, self._page_order = load("page_keys.npy"), load("page_order.npy")
+
+  def __getstate__(self):
+    return {"directory": self.directory}
+
+  def __setstate__(self, state):
+    self.__init__(state["directory"])
+
+  def __len__(self) -> int:
+    return int(self.manifest["num_passages"])
+
+  def __repr__(self) -> str:
+    return f"PassageTable({self.directory!r}, passages={len(self)}, fingerprint={self.fingerprint[:12]})"
+
+  @property
+  def fingerprint(self) -> str:
+    """sha256 of the content (texts, spans, pages, settings); equal for any sharding."""
+    return self.manifest["fingerprint"]
+
+  @property
+  def num_pages(self) -> int:
+    return int(self.manifest["num_pages"])
+
+  def _shard(self, s: int) -> _Shard:
+    if self._shards[s] is None:
+      self._shards[s] = _Shard(
+          os.path.join(self.directory, "shards", self.manifest["shards"][s]["name"])
+      )
+    return self._shards[s]
+
+  def _check(self, passage_id) -> int:
+    try:
+      pid = operator.index(passage_id)
+    except TypeError:
+      raise TypeError(f"passage id {passage_id!r} is not an integer") from None
+    if not 0 <= pid < len(self):
+      raise IndexError(
+          f"passage id {pid} is out of range: the table {self.directory} has "
+          f"{len(self)} passages (ids 0..{len(self) - 1})"
+      )
+    return pid
+
+  def _locate(self, pid: int) -> tuple[_Shard, int]:
+    s = int(np.searchsorted(self._passage_starts, pid, side="right")) - 1
+    return self._shard(s), pid - int(self._passage_starts[s])
+
+  def text(self, passage_id) -> str:
+    shard, i = self._locate(self._check(passage_id))
+    return bytes(shard.text[shard.text_offsets[i] : shard.text_offsets[i + 1]]).decode("utf-8")
+
+  def page(self, page_index: int) -> tuple[str, str, int]:
+    """(wikipedia_id, title, number of paragraphs) of the page at `page_index` (file order)."""
+    s = int(np.searchsorted(self._page_starts, page_index, side="right")) - 1
+    shard, i = self._shard(s), page_index - int(self._page_starts[s])
+    wid, title, paragraphs = json.loads(
+        bytes(shard.pages[shard.page_offsets[i] : shard.page_offsets[i + 1]])
+    )
+    return wid, title, paragraphs
+
+  def passage_page(self, passage_id) -> int:
+    """The page (file order, for `page`) a passage was cut from."""
+    return int(self._passage_page[self._check(passage_id)])
+
+  def __getitem__(self, passage_id) -> Passage:
+    pid = self._check(passage_id)
+    shard, i = self._locate(pid)
+    wid, title, _ = self.page(self.passage_page(pid))
+    sp, ep, sc, ec = (int(v) for v in shard.spans[i])
+    return Passage(pid, wid, title, self.text(pid), sp, ep, sc, ec)
+
+  def get(self, passage_ids: Iterable[int]) -> list[Passage]:
+    return [self[i] for i in passage_ids]
+
+  def iter_texts(self) -> Iterator[str]:
+    """Every passage text in id order, read shard by shard (for indexing the corpus)."""
+    for s in range(len(self._shards)):
+      shard = self._shard(s)
+      offsets = np.asarray(shard.text_offsets)
+      for i in range(len(offsets) - 1):
+        yield bytes(shard.text[offsets[i] : offsets[i + 1]]).decode("utf-8")
+
+  def page_index(self, wikipedia_id: str | int) -> int | None:
+    """The page (file order) with this wikipedia_id, or None."""
+    key = str(wikipedia_id).strip().encode("utf-8")
+    i = int(np.searchsorted(self._page_keys, key))
+    if i < len(self._page_keys) and self._page_keys[i] == key:
+      return int(self._page_order[i])
+    return None
+
+  def page_passages(self, wikipedia_id: str | int) -> range:
+    """Ids of the passages of a page; KeyError naming the id when the page is unknown."""
+    page = self.page_index(wikipedia_id)
+    if page is None:
+      raise KeyError(
+          f"wikipedia_id {wikipedia_id} is not a page of the passage table {self.directory}"
+      )
+    return range(int(self._page_first[page]), int(self._page_first[page + 1]))
+
+  def passages_for(
+      self,
+      wikipedia_id: str | int,
+      start_paragraph_id: int | None = None,
+      end_paragraph_id: int | None = None,
+  ) -> np.ndarray:
+    """Passage ids covering KILT provenance (a page, optionally a paragraph range).
+
+    No paragraph: every passage of the page. Otherwise the passages that
+    overlap [start, end]; a range with no words (the title paragraph 0, a
+    heading) maps to the next passage, or the page's last one. KeyError
+    for an unknown page, ValueError for a paragraph the page does not have.
     """
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = os.fspath(directory)
-        path = os.path.join(self.directory, MANIFEST)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{self.directory} is not a finished passage table: {MANIFEST} is missing "
-                                    "(build it with python -m lumenvq.data.passages, which finalizes last)")
-        with open(path) as f:
-            self.manifest: dict[str, Any] = json.load(f)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format_version {self.manifest.get('format_version')}; this code reads "
-                             f"{FORMAT_VERSION}: rebuild the table")
-        shards = self.manifest["shards"]
-        self._passage_starts = np.cumsum([0] + [s["num_passages"] for s in shards])
-        self._page_starts = np.cumsum([0] + [s["num_pages"] for s in shards])
-        self._shards: list[_Shard | None] = [None] * len(shards)
-        index = os.path.join(self.directory, "index")
-        load = lambda name: np.load(os.path.join(index, name), mmap_mode="r")  # noqa: E731
-        self._passage_page, self._page_first = load("passage_page.npy"), load("page_first.npy")
-        self._page_keys, self._page_order = load("page_keys.npy"), load("page_order.npy")
-
-    def __getstate__(self):
-        return {"directory": self.directory}
-
-    def __setstate__(self, state):
-        self.__init__(state["directory"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_passages"])
-
-    def __repr__(self) -> str:
-        return f"PassageTable({self.directory!r}, passages={len(self)}, fingerprint={self.fingerprint[:12]})"
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the content (texts, spans, pages, settings); equal for any sharding."""
-        return self.manifest["fingerprint"]
-
-    @property
-    def num_pages(self) -> int:
-        return int(self.manifest["num_pages"])
-
-    def _shard(self, s: int) -> _Shard:
-        if self._shards[s] is None:
-            self._shards[s] = _Shard(os.path.join(self.directory, "shards", self.manifest["shards"][s]["name"]))
-        return self._shards[s]
-
-    def _check(self, passage_id) -> int:
-        try:
-            pid = operator.index(passage_id)
-        except TypeError:
-            raise TypeError(f"passage id {passage_id!r} is not an integer") from None
-        if not 0 <= pid < len(self):
-            raise IndexError(f"passage id {pid} is out of range: the table {self.directory} has "
-                             f"{len(self)} passages (ids 0..{len(self) - 1})")
-        return pid
-
-    def _locate(self, pid: int) -> tuple[_Shard, int]:
-        s = int(np.searchsorted(self._passage_starts, pid, side="right")) - 1
-        return self._shard(s), pid - int(self._passage_starts[s])
-
-    def text(self, passage_id) -> str:
-        shard, i = self._locate(self._check(passage_id))
-        return bytes(shard.text[shard.text_offsets[i]:shard.text_offsets[i + 1]]).decode("utf-8")
-
-    def page(self, page_index: int) -> tuple[str, str, int]:
-        """(wikipedia_id, title, number of paragraphs) of the page at `page_index` (file order)."""
-        s = int(np.searchsorted(self._page_starts, page_index, side="right")) - 1
-        shard, i = self._shard(s), page_index - int(self._page_starts[s])
-        wid, title, paragraphs = json.loads(bytes(shard.pages[shard.page_offsets[i]:shard.page_offsets[i + 1]]))
-        return wid, title, paragraphs
-
-    def passage_page(self, passage_id) -> int:
-        """The page (file order, for `page`) a passage was cut from."""
-        return int(self._passage_page[self._check(passage_id)])
-
-    def __getitem__(self, passage_id) -> Passage:
-        pid = self._check(passage_id)
-        shard, i = self._locate(pid)
-        wid, title, _ = self.page(self.passage_page(pid))
-        sp, ep, sc, ec = (int(v) for v in shard.spans[i])
-        return Passage(pid, wid, title, self.text(pid), sp, ep, sc, ec)
-
-    def get(self, passage_ids: Iterable[int]) -> list[Passage]:
-        return [self[i] for i in passage_ids]
-
-    def iter_texts(self) -> Iterator[str]:
-        """Every passage text in id order, read shard by shard (for indexing the corpus)."""
-        for s in range(len(self._shards)):
-            shard = self._shard(s)
-            offsets = np.asarray(shard.text_offsets)
-            for i in range(len(offsets) - 1):
-                yield bytes(shard.text[offsets[i]:offsets[i + 1]]).decode("utf-8")
-
-    def page_index(self, wikipedia_id: str | int) -> int | None:
-        """The page (file order) with this wikipedia_id, or None."""
-        key = str(wikipedia_id).strip().encode("utf-8")
-        i = int(np.searchsorted(self._page_keys, key))
-        if i < len(self._page_keys) and self._page_keys[i] == key:
-            return int(self._page_order[i])
-        return None
-
-    def page_passages(self, wikipedia_id: str | int) -> range:
-        """Ids of the passages of a page; KeyError naming the id when the page is unknown."""
-        page = self.page_index(wikipedia_id)
-        if page is None:
-            raise KeyError(f"wikipedia_id {wikipedia_id} is not a page of the passage table {self.directory}")
-        return range(int(self._page_first[page]), int(self._page_first[page + 1]))
-
-    def passages_for(self, wikipedia_id: str | int, start_paragraph_id: int | None = None,
-                     end_paragraph_id: int | None = None) -> np.ndarray:
-        """Passage ids covering KILT provenance (a page, optionally a paragraph range).
-
-        No paragraph: every passage of the page. Otherwise the passages that
-        overlap [start, end]; a range with no words (the title paragraph 0, a
-        heading) maps to the next passage, or the page's last one. KeyError
-        for an unknown page, ValueError for a paragraph the page does not have.
-        """
-        ids = self.page_passages(wikipedia_id)
-        if not len(ids):
-            raise ValueError(f"page {wikipedia_id} has no passages (no words besides its title and headings)")
-        if start_paragraph_id is None:
-            return np.arange(ids.start, ids.stop)
-        end = start_paragraph_id if end_paragraph_id is None else end_paragraph_id
-        paragraphs = self.page(self.page_index(wikipedia_id))[2]
-        if not 0 <= start_paragraph_id <= end < paragraphs:
-            raise ValueError(f"page {wikipedia_id} has paragraphs 0..{paragraphs - 1}, "
-                             f"not {start_paragraph_id}..{end}")
-        shard, i = self._locate(ids.start)
-        spans = np.asarray(shard.spans[i:i + len(ids)])
-        hit = np.flatnonzero((spans[:, 0] <= end) & (spans[:, 1] >= start_paragraph_id))
-        if not len(hit):
-            after = np.flatnonzero(spans[:, 0] > end)
-            hit = after[:1] if len(after) else np.array([len(ids) - 1])
-        return ids.start + hit
+    ids = self.page_passages(wikipedia_id)
+    if not len(ids):
+      raise ValueError(
+          f"page {wikipedia_id} has no passages (no words besides its title and headings)"
+      )
+    if start_paragraph_id is None:
+      return np.arange(ids.start, ids.stop)
+    end = start_paragraph_id if end_paragraph_id is None else end_paragraph_id
+    paragraphs = self.page(self.page_index(wikipedia_id))[2]
+    if not 0 <= start_paragraph_id <= end < paragraphs:
+      raise ValueError(
+          f"page {wikipedia_id} has paragraphs 0..{paragraphs - 1}, "
+          f"not {start_paragraph_id}..{end}"
+      )
+    shard, i = self._locate(ids.start)
+    spans = np.asarray(shard.spans[i : i + len(ids)])
+    hit = np.flatnonzero((spans[:, 0] <= end) & (spans[:, 1] >= start_paragraph_id))
+    if not len(hit):
+      after = np.flatnonzero(spans[:, 0] > end)
+      hit = after[:1] if len(after) else np.array([len(ids) - 1])
+    return ids.start + hit

@@ -11,6 +11,7 @@ Python thread: a reader thread's hand-offs of the GIL to and from the consumer c
 reading a small batch (0.3 of a numpy memmap's rate for 64 passages of 4 KB). Errors reach
 the consumer in stream order, after the batches before them.
 """
+
 import collections
 from typing import Iterable, Iterator
 
@@ -47,17 +48,24 @@ class HostMemoryReader:
 
   def _ids(self, batch: dict) -> np.ndarray:
     if "passage_ids" not in batch:
-      raise ValueError(f"batch has no 'passage_ids' (features: {sorted(batch)}): the host "
-                       f"reader reads the memory of retrieved passages from {self.store.path}")
+      raise ValueError(
+          f"batch has no 'passage_ids' (features: {sorted(batch)}): the host "
+          f"reader reads the memory of retrieved passages from {self.store.path}"
+      )
     ids = np.asarray(batch["passage_ids"])
     if ids.ndim != 2 or ids.shape[1] != self.num_passages:
-      raise ValueError(f"passage_ids of shape {ids.shape}: expected [B, K={self.num_passages}] "
-                       "(ReaderConfig.num_passages)")
+      raise ValueError(
+          f"passage_ids of shape {ids.shape}: expected [B, K={self.num_passages}] "
+          "(ReaderConfig.num_passages)"
+      )
     return ids
 
   def _with_memory(self, batch: dict, values: np.ndarray, lengths: np.ndarray) -> dict:
-    return {**batch, "memory_values": values,
-            "memory_mask": self._positions < lengths[..., None]}  # MemoryStore.mask's rule.
+    return {
+        **batch,
+        "memory_values": values,
+        "memory_mask": self._positions < lengths[..., None],
+    }  # MemoryStore.mask's rule.
 
   def _read_ahead(self, batches: Iterator[dict]) -> Iterator[dict]:
     in_flight = collections.deque()  # (batch, PendingRead) or a _Failure, in stream order.

@@ -9,6 +9,7 @@ are set, and in training the checkpoint step unless `MemorySource.checkpoint_ste
 (eval and infer default to the step of the restored checkpoint). The model's own
 dimensions, architecture, memory layers and quantizer shape are always compared.
 """
+
 from typing import Iterator, Optional
 
 import flax.linen as nn
@@ -25,14 +26,15 @@ def expected_fingerprint(model, source, checkpoint_step: Optional[int]) -> dict:
   know are None there and left out here (`MemoryStore.open` compares the fields given).
   None fields the model decides (lumen's quantizer) go too; its architecture still counts."""
   step = source.checkpoint_step if source.checkpoint_step is not None else checkpoint_step
-  fingerprint = store_fingerprint.fingerprint_for(model, step, source.vocabulary_path,
-                                                  source.passage_table_dir)
+  fingerprint = store_fingerprint.fingerprint_for(
+      model, step, source.vocabulary_path, source.passage_table_dir
+  )
   return {k: v for k, v in fingerprint.items() if v is not None}
 
 
 def _codebooks(codebooks: np.ndarray, mesh, rules):
   """The store's codebooks on `mesh`, sharded like the model's own (the "codebook" rule)."""
-  axes = quantizer.CODEBOOK_AXES[-codebooks.ndim:]
+  axes = quantizer.CODEBOOK_AXES[-codebooks.ndim :]
   sharding = nn.logical_to_mesh_sharding(P(*axes), mesh, rules)
   return jax.make_array_from_callback(codebooks.shape, sharding, lambda index: codebooks[index])
 
@@ -42,8 +44,14 @@ class MemoryFeed:
   the host-side preparation of its batches (`prepare` one batch, `wrap` a stream).
   For 'compute' there is nothing: no constants, batches pass unchanged."""
 
-  def __init__(self, reader: str = "compute", store=None, step_constants=None,
-               read_ahead: int = 2, num_passages: Optional[int] = None):
+  def __init__(
+      self,
+      reader: str = "compute",
+      store=None,
+      step_constants=None,
+      read_ahead: int = 2,
+      num_passages: Optional[int] = None,
+  ):
     self.reader, self.store, self.step_constants = reader, store, step_constants
     self._host = None
     if reader == "host":
@@ -72,14 +80,14 @@ def open_feed(model, mesh, rules, checkpoint_step: Optional[int] = None) -> Memo
   if source is None or not source.stored:
     return MemoryFeed()
   store = memory_store.MemoryStore.open(
-      source.path, expected_fingerprint=expected_fingerprint(model, source, checkpoint_step))
+      source.path, expected_fingerprint=expected_fingerprint(model, source, checkpoint_step)
+  )
   constants = {}
   if store.codebooks is not None:
     constants["codebooks"] = _codebooks(store.codebooks, mesh, rules)
   if source.reader == "device":
     constants["table"] = memory_table.load(store, mesh, rules)
-  return MemoryFeed(source.reader, store, constants, source.read_ahead,
-                    model.reader.num_passages)
+  return MemoryFeed(source.reader, store, constants, source.read_ahead, model.reader.num_passages)
 
 
 def attach(trainer_, checkpoint_step: Optional[int] = None) -> MemoryFeed:

@@ -15,6 +15,7 @@ reduce-scatter, so each device receives only its batch rows (half the traffic of
 all-reduce); the other table axes are all-reduced. An id owned by no device (-1, or one past
 the table, which jit cannot raise on: use `check_ids` on the host) gives zeros and length 0.
 """
+
 import math
 from typing import Any, Optional
 
@@ -36,6 +37,7 @@ class MemoryTable:
   values [Npad, Lp, ...] and lengths [Npad] int32, rows [num_passages, Npad) zero; both
   sharded along axis 0 over the mesh axes `axes` (empty: every device holds all rows).
   """
+
   values: jax.Array
   lengths: jax.Array
   num_passages: int = flax.struct.field(pytree_node=False)
@@ -49,8 +51,10 @@ def table_axes(mesh, rules) -> tuple:
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   unknown = [a for a in axes if a not in mesh.shape]
   if unknown:
-    raise ValueError(f"logical axis rule {TABLE_AXIS!r} -> {axes} names mesh axes {unknown} "
-                     f"that the mesh {dict(mesh.shape)} does not have")
+    raise ValueError(
+        f"logical axis rule {TABLE_AXIS!r} -> {axes} names mesh axes {unknown} "
+        f"that the mesh {dict(mesh.shape)} does not have"
+    )
   return axes
 
 
@@ -74,12 +78,13 @@ def load(store, mesh, rules) -> MemoryTable:
       lengths = np.zeros((stop - start,), np.int32)
       if start < n:
         got_values, got_lengths = store.read_range(start, min(stop, n))
-        values[:len(got_values)], lengths[:len(got_lengths)] = got_values, got_lengths
+        values[: len(got_values)], lengths[: len(got_lengths)] = got_values, got_lengths
       blocks[start, stop] = values, lengths
     return blocks[start, stop][which][(slice(None),) + tuple(index[1:])]
 
-  values = jax.make_array_from_callback((padded,) + first.shape[1:], sharding,
-                                        lambda index: block(index, 0))
+  values = jax.make_array_from_callback(
+      (padded,) + first.shape[1:], sharding, lambda index: block(index, 0)
+  )
   lengths = jax.make_array_from_callback((padded,), sharding, lambda index: block(index, 1))
   return MemoryTable(values, lengths, n, mesh, axes)
 
@@ -123,11 +128,12 @@ def _gather_rows(table: MemoryTable, array, ids, scatter: bool):
     if scatter:
       found = jax.lax.psum_scatter(found, BATCH_MESH_AXIS, scatter_dimension=0, tiled=True)
     found = jax.lax.bitcast_convert_type(found, block.dtype)
-    return found.reshape(found.shape[:ids.ndim] + block.shape[1:])
+    return found.reshape(found.shape[: ids.ndim] + block.shape[1:])
 
   out = P(BATCH_MESH_AXIS) if scatter else P()
-  return jax.shard_map(local, mesh=table.mesh, in_specs=(P(axes or None), P()),
-                       out_specs=out)(array, ids)
+  return jax.shard_map(local, mesh=table.mesh, in_specs=(P(axes or None), P()), out_specs=out)(
+      array, ids
+  )
 
 
 def _scatters(table: MemoryTable, ids) -> bool:
@@ -135,8 +141,7 @@ def _scatters(table: MemoryTable, ids) -> bool:
   or more parts: a reduce-scatter over one device is still a copy) and the leading ids
   dimension divides by it."""
   parts = table.mesh.shape.get(BATCH_MESH_AXIS, 1)
-  return (BATCH_MESH_AXIS in table.axes and parts > 1 and ids.ndim > 0 and
-          ids.shape[0] % parts == 0)
+  return BATCH_MESH_AXIS in table.axes and parts > 1 and ids.ndim > 0 and ids.shape[0] % parts == 0
 
 
 def gather(table: MemoryTable, ids) -> tuple:
@@ -145,8 +150,10 @@ def gather(table: MemoryTable, ids) -> tuple:
   replicated. Ids -1 (and any id outside [0, num_passages)) give zeros and length 0."""
   ids = jnp.asarray(ids, jnp.int32)
   scatter = _scatters(table, ids)
-  return (_gather_rows(table, table.values, ids, scatter),
-          _gather_rows(table, table.lengths, ids, scatter))
+  return (
+      _gather_rows(table, table.values, ids, scatter),
+      _gather_rows(table, table.lengths, ids, scatter),
+  )
 
 
 def gather_lengths(table: MemoryTable, ids):
@@ -169,5 +176,7 @@ def check_ids(ids, num_passages: int, source: Optional[str] = None) -> None:
   bad = ids[(ids < -1) | (ids >= num_passages)]
   if bad.size:
     where = f" of the memory store {source}" if source else ""
-    raise ValueError(f"passage id {int(bad[0])} is out of range: the memory table{where} "
-                     f"holds {num_passages} passages (ids 0..{num_passages - 1}, -1 for none)")
+    raise ValueError(
+        f"passage id {int(bad[0])} is out of range: the memory table{where} "
+        f"holds {num_passages} passages (ids 0..{num_passages - 1}, -1 for none)"
+    )

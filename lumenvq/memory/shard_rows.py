@@ -16,6 +16,7 @@ checksum the first time it is read in this process (the store is immutable once 
 as tensorstore's cache assumes too), chunk sizes against the metadata, and a missing chunk
 is an error, never zeros.
 """
+
 import ctypes
 import mmap
 import os
@@ -35,15 +36,30 @@ MAX_OPEN_SHARDS = 256  # Each open shard holds a file descriptor (an mmap dups i
 
 def _load_native() -> Optional[ctypes.CDLL]:
   """csrc/gather_rows.cc when setup.py built it, else None (numpy copies, synchronously)."""
-  built = native.library("memory._gather_rows", "host reads copy twice, through numpy, and read "
-                         "ahead through tensorstore")
+  built = native.library(
+      "memory._gather_rows",
+      "host reads copy twice, through numpy, and read " "ahead through tensorstore",
+  )
   if built is None:
     return None
   pointer, size = ctypes.c_void_p, ctypes.c_int64
   # worker (None: copy now), ids, n, num_rows, shard_rows, bases, verified, used, clock,
   # stride, row_bytes, out, ticket
-  built.lumenvq_gather_rows.argtypes = [pointer, pointer, size, size, size, pointer, pointer,
-                                        pointer, size, size, size, pointer, pointer]
+  built.lumenvq_gather_rows.argtypes = [
+      pointer,
+      pointer,
+      size,
+      size,
+      size,
+      pointer,
+      pointer,
+      pointer,
+      size,
+      size,
+      size,
+      pointer,
+      pointer,
+  ]
   built.lumenvq_gather_rows.restype = size
   built.lumenvq_worker_new.restype = pointer
   built.lumenvq_worker_wait.argtypes = [pointer, size]
@@ -69,8 +85,7 @@ def _crc(data: np.ndarray) -> int:
 class _Shard:
   """One shard file: its mapped bytes, its chunk index, and which chunks were verified."""
 
-  def __init__(self, path: str, index: int, rows: int, chunk_bytes: int,
-               verified: np.ndarray):
+  def __init__(self, path: str, index: int, rows: int, chunk_bytes: int, verified: np.ndarray):
     """`verified`: the reader's flags of this shard's rows (it may hold fewer than `rows`)."""
     self.path, self.index, self.first_row = path, index, index * rows
     try:
@@ -82,8 +97,11 @@ class _Shard:
     self.data = np.frombuffer(self._map, np.uint8)
     index_bytes = rows * 16 + CRC_BYTES
     if self.data.size < index_bytes:
-      raise ShardReadError(index, f"shard file {path}: {self.data.size} bytes, shorter than "
-                           f"its index of {rows} chunks ({index_bytes} bytes)")
+      raise ShardReadError(
+          index,
+          f"shard file {path}: {self.data.size} bytes, shorter than "
+          f"its index of {rows} chunks ({index_bytes} bytes)",
+      )
     raw_index = self.data[-index_bytes:-CRC_BYTES]
     if _crc(raw_index) != int(self.data[-CRC_BYTES:].view("<u4")[0]):
       raise ShardReadError(index, f"shard file {path}: its chunk index fails its crc32c check")
@@ -91,19 +109,29 @@ class _Shard:
     self.present = table[:, 0] != _MISSING
     self.offsets, nbytes = table[:, 0].astype(np.int64), table[:, 1]
     self.chunk_bytes, self.stride = chunk_bytes, chunk_bytes + CRC_BYTES
-    bad = self.present & ((nbytes != self.stride) | (self.offsets < 0) |
-                          (self.offsets + self.stride > self.data.size - index_bytes))
+    bad = self.present & (
+        (nbytes != self.stride)
+        | (self.offsets < 0)
+        | (self.offsets + self.stride > self.data.size - index_bytes)
+    )
     if bad.any():
       i = int(np.argmax(bad))
-      raise ShardReadError(index, f"shard file {path}: chunk {i} at byte {self.offsets[i]} "
-                           f"of {nbytes[i]} bytes does not fit the file or the row size "
-                           f"{chunk_bytes} + {CRC_BYTES}")
+      raise ShardReadError(
+          index,
+          f"shard file {path}: chunk {i} at byte {self.offsets[i]} "
+          f"of {nbytes[i]} bytes does not fit the file or the row size "
+          f"{chunk_bytes} + {CRC_BYTES}",
+      )
     # tensorstore writes the chunks back to back in row order: then chunk i is row i of a
     # [-1, stride] view of the file, and a batch of chunks is one np.take.
-    self.in_order = bool(np.array_equal(self.offsets[self.present],
-                                        np.flatnonzero(self.present) * self.stride))
-    self.by_row = self.data[:self.data.size // self.stride * self.stride].reshape(
-        -1, self.stride) if self.in_order else None
+    self.in_order = bool(
+        np.array_equal(self.offsets[self.present], np.flatnonzero(self.present) * self.stride)
+    )
+    self.by_row = (
+        self.data[: self.data.size // self.stride * self.stride].reshape(-1, self.stride)
+        if self.in_order
+        else None
+    )
     self.base = np.uint64(self.data.ctypes.data)
     self.verified = verified
     self.unverified = int((~verified).sum())  # None left: no check per read.
@@ -115,7 +143,7 @@ class _Shard:
       self.by_row.take(inner, axis=0, out=out)
     else:  # Another writer's chunk order: one slice per row.
       for j, start in enumerate(self.offsets[inner]):
-        out[j] = self.data[start:start + self.stride]
+        out[j] = self.data[start : start + self.stride]
 
   def verify(self, inner: np.ndarray) -> None:
     """Presence and crc32c of the chunks `inner` not verified before."""
@@ -123,13 +151,17 @@ class _Shard:
       return
     for i in inner[~self.verified[inner]]:
       if not self.present[i]:
-        raise ShardReadError(self.index, f"shard file {self.path}: no chunk for row "
-                             f"{self.first_row + int(i)}")
+        raise ShardReadError(
+            self.index, f"shard file {self.path}: no chunk for row " f"{self.first_row + int(i)}"
+        )
       start = self.offsets[i]
-      stored = int(self.data[start + self.chunk_bytes:start + self.stride].view("<u4")[0])
-      if _crc(self.data[start:start + self.chunk_bytes]) != stored:
-        raise ShardReadError(self.index, f"shard file {self.path}: row "
-                             f"{self.first_row + int(i)} fails its crc32c check (corrupt)")
+      stored = int(self.data[start + self.chunk_bytes : start + self.stride].view("<u4")[0])
+      if _crc(self.data[start : start + self.chunk_bytes]) != stored:
+        raise ShardReadError(
+            self.index,
+            f"shard file {self.path}: row "
+            f"{self.first_row + int(i)} fails its crc32c check (corrupt)",
+        )
       self.verified[i] = True
       self.unverified -= 1
 
@@ -139,8 +171,7 @@ class ShardRowReader:
   axis into `shard_rows` rows per file, one uncompressed inner chunk per row; shard `k`'s
   file is `shard_path(k)`."""
 
-  def __init__(self, shard_path, num_rows: int, shard_rows: int, row_shape: tuple,
-               dtype: np.dtype):
+  def __init__(self, shard_path, num_rows: int, shard_rows: int, row_shape: tuple, dtype: np.dtype):
     self.shard_path, self.num_rows, self.shard_rows = shard_path, num_rows, shard_rows
     self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
     self.chunk_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
@@ -154,8 +185,7 @@ class ShardRowReader:
     self._verified = np.zeros(num_rows, bool)  # 1 byte a row (lengths take 4).
     self._lock = threading.Lock()  # Readers on several threads share the open shards.
     # What the C gather reads and stamps, as addresses (the arrays are never reallocated).
-    self._c_state = (self._bases.ctypes.data, self._verified.ctypes.data,
-                     self._used.ctypes.data)
+    self._c_state = (self._bases.ctypes.data, self._verified.ctypes.data, self._used.ctypes.data)
     self._local = threading.local()
     self._worker, self._worker_pid, self._tickets = None, None, 0  # The copy thread (`start`).
 
@@ -166,29 +196,45 @@ class ShardRowReader:
     shape = metadata.get("shape", [])
     grid = metadata.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [])
     codecs = metadata.get("codecs", [])
-    if (len(shape) < 2 or len(grid) != len(shape) or list(grid[1:]) != list(shape[1:]) or
-        len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or
-        metadata.get("chunk_key_encoding", {}).get("name") != "default"):
+    if (
+        len(shape) < 2
+        or len(grid) != len(shape)
+        or list(grid[1:]) != list(shape[1:])
+        or len(codecs) != 1
+        or codecs[0].get("name") != "sharding_indexed"
+        or metadata.get("chunk_key_encoding", {}).get("name") != "default"
+    ):
       return None
     config = codecs[0].get("configuration", {})
     dtype = np.dtype(metadata.get("data_type", "V"))
     inner = [c.get("name") for c in config.get("codecs", [])]
-    little = all(c.get("configuration", {}).get("endian", "little") == "little"
-                 for c in config.get("codecs", []) + config.get("index_codecs", []))
-    if (config.get("chunk_shape") != [1, *shape[1:]] or inner != ["bytes", "crc32c"] or
-        [c.get("name") for c in config.get("index_codecs", [])] != ["bytes", "crc32c"] or
-        config.get("index_location", "end") != "end" or not little or
-        dtype.kind not in "uif"):
+    little = all(
+        c.get("configuration", {}).get("endian", "little") == "little"
+        for c in config.get("codecs", []) + config.get("index_codecs", [])
+    )
+    if (
+        config.get("chunk_shape") != [1, *shape[1:]]
+        or inner != ["bytes", "crc32c"]
+        or [c.get("name") for c in config.get("index_codecs", [])] != ["bytes", "crc32c"]
+        or config.get("index_location", "end") != "end"
+        or not little
+        or dtype.kind not in "uif"
+    ):
       return None
     trailing = "/".join("0" for _ in shape[1:])
-    return cls(lambda k: os.path.join(directory, "c", str(k), trailing), shape[0], grid[0],
-               shape[1:], dtype)
+    return cls(
+        lambda k: os.path.join(directory, "c", str(k), trailing),
+        shape[0],
+        grid[0],
+        shape[1:],
+        dtype,
+    )
 
   def _shard(self, k: int) -> _Shard:
     """Shard k, opened if needed, evicting the least recently read one (under the lock)."""
     shard = self._open.get(k)
     if shard is None:
-      rows = self._verified[k * self.shard_rows:(k + 1) * self.shard_rows]
+      rows = self._verified[k * self.shard_rows : (k + 1) * self.shard_rows]
       shard = _Shard(self.shard_path(k), k, self.shard_rows, self.chunk_bytes, rows)
       if len(self._open) >= MAX_OPEN_SHARDS:
         oldest = min(self._open, key=self._used.__getitem__)
@@ -245,10 +291,22 @@ class ShardRowReader:
     False: a shard in another writer's chunk order, or more shards in the batch than stay
     open."""
     for attempt in range(2):
-      if _NATIVE.lumenvq_gather_rows(
-          worker, ids.ctypes.data, ids.size, self.num_rows, self.shard_rows, *self._c_state,
-          self._clock, self.chunk_bytes + CRC_BYTES, self.chunk_bytes, out.ctypes.data,
-          ctypes.byref(ticket)) < 0:
+      if (
+          _NATIVE.lumenvq_gather_rows(
+              worker,
+              ids.ctypes.data,
+              ids.size,
+              self.num_rows,
+              self.shard_rows,
+              *self._c_state,
+              self._clock,
+              self.chunk_bytes + CRC_BYTES,
+              self.chunk_bytes,
+              out.ctypes.data,
+              ctypes.byref(ticket),
+          )
+          < 0
+      ):
         return True
       if not attempt:
         self._prepare(ids)
@@ -267,7 +325,7 @@ class ShardRowReader:
     starts = [0, *(np.flatnonzero(np.diff(sorted_shards)) + 1).tolist()] if ids.size else []
     for lo, hi, k in zip(starts, starts[1:] + [ids.size], sorted_shards[starts].tolist()):
       self._shard(k).copy(sorted_inner[lo:hi], scratch[lo:hi])
-    out[order] = scratch[:, :self.chunk_bytes]
+    out[order] = scratch[:, : self.chunk_bytes]
 
   def _rows(self, out: np.ndarray) -> np.ndarray:
     return out.view(self.dtype).reshape(len(out), *self.row_shape)
@@ -291,8 +349,10 @@ class ShardRowReader:
     more in page faults than the copy (a 256 KB batch took 2x a numpy memmap read)."""
     buffer = getattr(self._local, "scratch", None)
     if buffer is None or len(buffer) < n:
-      buffer = np.empty((max(n, 2 * len(buffer) if buffer is not None else n),
-                         self.chunk_bytes + CRC_BYTES), np.uint8)
+      buffer = np.empty(
+          (max(n, 2 * len(buffer) if buffer is not None else n), self.chunk_bytes + CRC_BYTES),
+          np.uint8,
+      )
       self._local.scratch = buffer
     return buffer[:n]
 

@@ -5,6 +5,7 @@ run that reads the store asks for the fields it knows (`MemoryStore.open(
 expected_fingerprint=...)`), so memory computed by another checkpoint, quantizer,
 vocabulary or passage table is refused by name instead of read as if it were this model's.
 """
+
 import hashlib
 
 import tensorstore as ts
@@ -21,8 +22,11 @@ def fingerprint_for(model, checkpoint_step, vocabulary_path, passage_table_dir) 
   reader, t5 = model.reader, model.config
   quantizer = None
   if reader.architecture == "lumen_vq":
-    quantizer = {"num_subspaces": reader.subspaces(t5.emb_dim),
-                 "codebook_size": reader.codebook_size, "num_residual": reader.num_residual}
+    quantizer = {
+        "num_subspaces": reader.subspaces(t5.emb_dim),
+        "codebook_size": reader.codebook_size,
+        "num_residual": reader.num_residual,
+    }
   return {
       "checkpoint_step": None if checkpoint_step is None else int(checkpoint_step),
       "architecture": reader.architecture,
@@ -31,11 +35,15 @@ def fingerprint_for(model, checkpoint_step, vocabulary_path, passage_table_dir) 
       "passage_length": reader.passage_length,
       "memory_length": reader.memory_length,
       "quantizer": quantizer,
-      "vocabulary_sha256": (None if vocabulary_path is None else
-                            hashlib.sha256(_read_file(vocabulary_path)).hexdigest()),
+      "vocabulary_sha256": (
+          None
+          if vocabulary_path is None
+          else hashlib.sha256(_read_file(vocabulary_path)).hexdigest()
+      ),
       # The table's own content hash (texts, spans, settings): equal however it is sharded.
-      "passage_table_sha256": (None if passage_table_dir is None else
-                               PassageTable(passage_table_dir).fingerprint),
+      "passage_table_sha256": (
+          None if passage_table_dir is None else PassageTable(passage_table_dir).fingerprint
+      ),
   }
 
 

@@ -8,6 +8,7 @@ Written by hand after T5X's decoding.py rather than imported from it: T5X
 pulls in its whole training stack, and its beam search assumes every cache
 leaf but the scalars has a batch axis (ours has `key_positions` [max_len]).
 """
+
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -21,18 +22,33 @@ EOS_ID = 1
 
 def init_cache(model: Transformer, params, encoded, encoder_mask, max_length: int):
   dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
-  _, variables = model.apply({"params": params}, encoded, encoder_mask, dummy,
-                             decode=True, method=Transformer.decode, mutable=["cache"])
+  _, variables = model.apply(
+      {"params": params},
+      encoded,
+      encoder_mask,
+      dummy,
+      decode=True,
+      method=Transformer.decode,
+      mutable=["cache"],
+  )
   return variables["cache"]
 
 
 def _step_fn(model: Transformer, params, encoded, encoder_mask):
   """(cache, tokens [n]) -> (next-token logits [n, vocab], cache): one decoder step."""
+
   def step(cache, tokens):
     logits, variables = model.apply(
-        {"params": params, "cache": cache}, encoded, encoder_mask, tokens[:, None],
-        decode=True, method=Transformer.decode, mutable=["cache"])
+        {"params": params, "cache": cache},
+        encoded,
+        encoder_mask,
+        tokens[:, None],
+        decode=True,
+        method=Transformer.decode,
+        mutable=["cache"],
+    )
     return logits[:, -1], variables["cache"]
+
   return step
 
 
@@ -51,9 +67,17 @@ def _choose(logits, rng, temperature: float, topk: int):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def sample_decode(model: Transformer, params, encoded, encoder_mask, max_length: int,
-                  rng: Optional[Any], temperature: float = 1.0, topk: int = 0,
-                  eos_id: int = EOS_ID):
+def sample_decode(
+    model: Transformer,
+    params,
+    encoded,
+    encoder_mask,
+    max_length: int,
+    rng: Optional[Any],
+    temperature: float = 1.0,
+    topk: int = 0,
+    eos_id: int = EOS_ID,
+):
   """Sampled tokens [b, max_length]; positions after EOS are 0.
 
   `temperature` and `topk` are Python numbers (they pick the code path);
@@ -62,8 +86,9 @@ def sample_decode(model: Transformer, params, encoded, encoder_mask, max_length:
   if temperature < 0:
     raise ValueError(f"sample_decode: temperature must be >= 0, got {temperature}")
   if not 0 <= topk <= model.config.vocab_size:
-    raise ValueError(f"sample_decode: topk must be in [0, vocab_size="
-                     f"{model.config.vocab_size}], got {topk}")
+    raise ValueError(
+        f"sample_decode: topk must be in [0, vocab_size=" f"{model.config.vocab_size}], got {topk}"
+    )
   if temperature > 0 and rng is None:
     raise ValueError("sample_decode: temperature > 0 needs an rng")
   step = _step_fn(model, params, encoded, encoder_mask)
@@ -76,17 +101,22 @@ def sample_decode(model: Transformer, params, encoded, encoder_mask, max_length:
     return (cache, nxt, done | (nxt == eos_id)), nxt
 
   keys = None if temperature == 0 else jax.random.split(rng, max_length)
-  init = (init_cache(model, params, encoded, encoder_mask, max_length),
-          jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+  init = (
+      init_cache(model, params, encoded, encoder_mask, max_length),
+      jnp.zeros((batch,), jnp.int32),
+      jnp.zeros((batch,), bool),
+  )
   _, tokens = lax.scan(body, init, keys, length=max_length)
   return tokens.T
 
 
-def greedy_decode(model: Transformer, params, encoded, encoder_mask,
-                  max_length: int, eos_id: int = EOS_ID):
+def greedy_decode(
+    model: Transformer, params, encoded, encoder_mask, max_length: int, eos_id: int = EOS_ID
+):
   """Argmax tokens [b, max_length]; positions after EOS are 0."""
-  return sample_decode(model, params, encoded, encoder_mask, max_length, rng=None,
-                       temperature=0.0, eos_id=eos_id)
+  return sample_decode(
+      model, params, encoded, encoder_mask, max_length, rng=None, temperature=0.0, eos_id=eos_id
+  )
 
 
 def brevity_penalty(alpha: float, length):
@@ -96,12 +126,12 @@ def brevity_penalty(alpha: float, length):
 
 
 class _BeamState(NamedTuple):
-  step: Any             # scalar: tokens generated so far by every live beam
-  live_seqs: Any        # [b, beam, max_length + 1], column 0 is the start token 0
-  live_logp: Any        # [b, beam] sum of log-probs, sorted best first
-  finished_seqs: Any    # [b, beam, max_length + 1]
+  step: Any  # scalar: tokens generated so far by every live beam
+  live_seqs: Any  # [b, beam, max_length + 1], column 0 is the start token 0
+  live_logp: Any  # [b, beam] sum of log-probs, sorted best first
+  finished_seqs: Any  # [b, beam, max_length + 1]
   finished_scores: Any  # [b, beam] normalised, sorted best first; -inf = empty slot
-  cache: Any            # "cache" collection over b * beam rows
+  cache: Any  # "cache" collection over b * beam rows
 
 
 def _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache):
@@ -114,9 +144,11 @@ def _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache):
   grow = lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype)
   bigger = jax.eval_shape(
       lambda p, e, m: init_cache(model, p, e, m, max_length),
-      params, grow(encoded), grow(encoder_mask))
-  return jax.tree.map(lambda a, b: a.ndim > 0 and a.shape[0] != b.shape[0],
-                      cache, bigger)
+      params,
+      grow(encoded),
+      grow(encoder_mask),
+  )
+  return jax.tree.map(lambda a, b: a.ndim > 0 and a.shape[0] != b.shape[0], cache, bigger)
 
 
 def _take(x, idx):
@@ -124,8 +156,16 @@ def _take(x, idx):
   return x[jnp.arange(x.shape[0])[:, None], idx]
 
 
-def beam_search(model: Transformer, params, encoded, encoder_mask, max_length: int,
-                beam_size: int = 4, alpha: float = 0.6, eos_id: int = EOS_ID):
+def beam_search(
+    model: Transformer,
+    params,
+    encoded,
+    encoder_mask,
+    max_length: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    eos_id: int = EOS_ID,
+):
   """(tokens [b, beam, max_length], scores [b, beam]), best first; after EOS tokens are 0.
 
   As in T5X: each step extends the live beams, keeps the 2 * beam best
@@ -139,8 +179,10 @@ def beam_search(model: Transformer, params, encoded, encoder_mask, max_length: i
   """
   vocab = model.config.vocab_size
   if beam_size < 1 or vocab < 2 or max_length < 1:
-    raise ValueError(f"beam_search: needs beam_size >= 1 (got {beam_size}), "
-                     f"max_length >= 1 (got {max_length}), vocab_size >= 2 (got {vocab})")
+    raise ValueError(
+        f"beam_search: needs beam_size >= 1 (got {beam_size}), "
+        f"max_length >= 1 (got {max_length}), vocab_size >= 2 (got {vocab})"
+    )
   batch, k = encoded.shape[0], beam_size
   encoded = jnp.repeat(encoded, k, axis=0)  # row r * k + j is beam j of batch row r
   encoder_mask = jnp.repeat(encoder_mask, k, axis=0)
@@ -157,8 +199,9 @@ def beam_search(model: Transformer, params, encoded, encoder_mask, max_length: i
     # log-probs only fall as a sequence grows, so a live beam's best possible
     # score is its log-prob over the largest penalty among the lengths ahead
     # (the penalty is monotone in length, so that is one of the two ends).
-    best_penalty = jnp.maximum(brevity_penalty(alpha, s.step + 1.0),
-                               brevity_penalty(alpha, float(max_length)))
+    best_penalty = jnp.maximum(
+        brevity_penalty(alpha, s.step + 1.0), brevity_penalty(alpha, float(max_length))
+    )
     can_improve = s.live_logp[:, 0] / best_penalty > s.finished_scores[:, -1]
     return (s.step < max_length) & jnp.any(can_improve)
 
@@ -172,18 +215,24 @@ def beam_search(model: Transformer, params, encoded, encoder_mask, max_length: i
     ended = (token == eos_id) | (i + 1 == max_length)
 
     scores = jnp.where(ended, cand_logp / brevity_penalty(alpha, i + 1.0), neg_inf)
-    finished_scores, best = lax.top_k(
-        jnp.concatenate([s.finished_scores, scores], axis=1), k)
+    finished_scores, best = lax.top_k(jnp.concatenate([s.finished_scores, scores], axis=1), k)
     finished_seqs = _take(jnp.concatenate([s.finished_seqs, seqs], axis=1), best)
 
     live_logp, alive = lax.top_k(jnp.where(ended, neg_inf, cand_logp), k)
-    return _BeamState(i + 1, _take(seqs, alive), live_logp, finished_seqs,
-                      finished_scores, gather_cache(cache, _take(parent, alive)))
+    return _BeamState(
+        i + 1,
+        _take(seqs, alive),
+        live_logp,
+        finished_seqs,
+        finished_scores,
+        gather_cache(cache, _take(parent, alive)),
+    )
 
   seqs0 = jnp.zeros((batch, k, max_length + 1), jnp.int32)
   # Only beam 0 starts alive, so the first step does not expand k copies of it.
   live0 = jnp.full((batch, k), neg_inf).at[:, 0].set(0.0)
-  init = _BeamState(jnp.array(0, jnp.int32), seqs0, live0, seqs0,
-                    jnp.full((batch, k), neg_inf), cache)
+  init = _BeamState(
+      jnp.array(0, jnp.int32), seqs0, live0, seqs0, jnp.full((batch, k), neg_inf), cache
+  )
   final = lax.while_loop(not_done, body, init)
   return final.finished_seqs[:, :, 1:], final.finished_scores

@@ -7,6 +7,7 @@ inputs; the trainer only uses this interface. Models do not import data code:
 converters take numpy examples (`{"inputs": ids, "targets": ids}`) from
 whatever pipeline made them.
 """
+
 import inspect
 from typing import Callable, Optional, Sequence
 
@@ -34,12 +35,19 @@ class EncDecFeatureConverter:
   right shift (starting from 0) -> decoder_input_tokens, and
   decoder_loss_weights = targets != 0. A `None` example is an empty padding row.
   """
-  FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-              "decoder_loss_weights")
+
+  FEATURES = (
+      "encoder_input_tokens",
+      "decoder_input_tokens",
+      "decoder_target_tokens",
+      "decoder_loss_weights",
+  )
 
   def __init__(self, task_feature_lengths: dict):
-    self.lengths = {"inputs": task_feature_lengths["inputs"],
-                    "targets": task_feature_lengths["targets"]}
+    self.lengths = {
+        "inputs": task_feature_lengths["inputs"],
+        "targets": task_feature_lengths["targets"],
+    }
 
   def _pad(self, examples, feature):
     length = self.lengths[feature]
@@ -49,9 +57,11 @@ class EncDecFeatureConverter:
         continue
       ids = np.asarray(ex[feature])
       if len(ids) > length:
-        raise ValueError(f"feature {feature!r} of length {len(ids)} is longer than "
-                         f"TASK_FEATURE_LENGTHS[{feature!r}]={length}")
-      out[row, :len(ids)] = ids
+        raise ValueError(
+            f"feature {feature!r} of length {len(ids)} is longer than "
+            f"TASK_FEATURE_LENGTHS[{feature!r}]={length}"
+        )
+      out[row, : len(ids)] = ids
     return out
 
   def __call__(self, examples: Sequence[Optional[dict]]) -> dict:
@@ -81,13 +91,19 @@ class EncoderDecoderModel:
   `make_module`, `module_inputs` (with `module_method`), `encode`, `input_token_count`,
   `train_rngs` and `intermediate_metrics`.
   """
+
   FEATURE_CONVERTER_CLS = EncDecFeatureConverter
   # What the teacher-forced forward applies to `module_inputs` (flax `apply`'s `method`;
   # None: the module's `__call__`).
   module_method: Optional[Callable] = None
 
-  def __init__(self, config: Optional[T5Config] = None, label_smoothing: float = 0.0,
-               z_loss: float = 1e-4, decode_fn: Callable = decoding.greedy_decode):
+  def __init__(
+      self,
+      config: Optional[T5Config] = None,
+      label_smoothing: float = 0.0,
+      z_loss: float = 1e-4,
+      decode_fn: Callable = decoding.greedy_decode,
+  ):
     self.config = config if config is not None else T5Config()
     self.module = self.make_module()
     self.label_smoothing = label_smoothing
@@ -102,17 +118,18 @@ class EncoderDecoderModel:
   def feature_converter(self, task_feature_lengths: dict):
     return self.FEATURE_CONVERTER_CLS(task_feature_lengths)
 
-  def get_initial_variables(self, rng, batch_size: int = 1, encoder_length: int = 8,
-                            decoder_length: int = 8):
+  def get_initial_variables(
+      self, rng, batch_size: int = 1, encoder_length: int = 8, decoder_length: int = 8
+  ):
     """Variables boxed with logical axis names; shapes depend on the config only."""
-    return network.init_variables(self.config, rng, batch_size, encoder_length,
-                                  decoder_length)
+    return network.init_variables(self.config, rng, batch_size, encoder_length, decoder_length)
 
   def abstract_variables(self):
     """ShapeDtypeStructs (boxed with logical axes) of every collection, without allocating."""
     if self._abstract_variables is None:
       self._abstract_variables = jax.eval_shape(
-          lambda: self.get_initial_variables(jax.random.PRNGKey(0)))
+          lambda: self.get_initial_variables(jax.random.PRNGKey(0))
+      )
     return self._abstract_variables
 
   def abstract_params(self):
@@ -128,8 +145,11 @@ class EncoderDecoderModel:
 
   def module_inputs(self, batch) -> tuple:
     """Positional arguments of the module's teacher-forced `__call__`."""
-    return (batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-            batch["decoder_target_tokens"])
+    return (
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+    )
 
   def input_token_count(self, batch):
     """Non-padding input tokens (for tokens/s)."""
@@ -153,8 +173,10 @@ class EncoderDecoderModel:
     model_state = {} if model_state is None else dict(model_state)
     missing = [c for c in self.model_state_collections() if c not in model_state]
     if missing:
-      raise ValueError(f"{type(self).__name__} needs the model state collections {missing} "
-                       f"(the train state's model_state); got {sorted(model_state)}")
+      raise ValueError(
+          f"{type(self).__name__} needs the model state collections {missing} "
+          f"(the train state's model_state); got {sorted(model_state)}"
+      )
     return model_state
 
   def _logits(self, params, batch, dropout_rng, model_state):
@@ -163,12 +185,20 @@ class EncoderDecoderModel:
     variables = {"params": params, **model_state}
     args = self.module_inputs(batch)
     if dropout_rng is None:
-      return (self.module.apply(variables, *args, method=self.module_method,
-                                enable_dropout=False), model_state, {})
+      return (
+          self.module.apply(variables, *args, method=self.module_method, enable_dropout=False),
+          model_state,
+          {},
+      )
     mutable = list(model_state) + ["intermediates"]
-    logits, updated = self.module.apply(variables, *args, method=self.module_method,
-                                        enable_dropout=True,
-                                        rngs=self.train_rngs(dropout_rng), mutable=mutable)
+    logits, updated = self.module.apply(
+        variables,
+        *args,
+        method=self.module_method,
+        enable_dropout=True,
+        rngs=self.train_rngs(dropout_rng),
+        mutable=mutable,
+    )
     new_state = {k: updated.get(k, v) for k, v in model_state.items()}
     return logits, new_state, updated.get("intermediates", {})
 
@@ -184,10 +214,16 @@ class EncoderDecoderModel:
     logits, new_state, intermediates = self._logits(params, batch, dropout_rng, model_state)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     loss, z_loss, weight = losses.cross_entropy_with_logits(
-        logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+        logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss
+    )
     correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
-    metrics = {"loss": loss, "z_loss": z_loss, "weight": weight, "correct": correct,
-               "tokens": weight + self.input_token_count(batch)}
+    metrics = {
+        "loss": loss,
+        "z_loss": z_loss,
+        "weight": weight,
+        "correct": correct,
+        "tokens": weight + self.input_token_count(batch),
+    }
     metrics.update(self.intermediate_metrics(intermediates, weight))
     return loss, (metrics, new_state)
 
@@ -203,10 +239,12 @@ class EncoderDecoderModel:
     """
     variables = {"params": params, **self._model_state(model_state)}
     encoded, mask = self.encode(variables, batch)
-    kwargs = {"rng": rng if rng is not None else jax.random.PRNGKey(0)} \
-        if self._decode_takes_rng else {}
-    tokens = self.decode_fn(self.module, params, encoded, mask,
-                            batch["decoder_target_tokens"].shape[1], **kwargs)
+    kwargs = (
+        {"rng": rng if rng is not None else jax.random.PRNGKey(0)} if self._decode_takes_rng else {}
+    )
+    tokens = self.decode_fn(
+        self.module, params, encoded, mask, batch["decoder_target_tokens"].shape[1], **kwargs
+    )
     if isinstance(tokens, tuple):  # Beam search: (tokens, scores), best beam first.
       tokens = tokens[0][:, 0]
     return tokens

@@ -16,6 +16,7 @@ The encoder is a stack whose layers can run as two parts, `[0, n)` and `[n, L)`:
 LUMEN runs the first part offline over passages (the memory encoder) and the
 second per question over `[question ; memory]` (the live encoder).
 """
+
 import functools
 from typing import Optional
 
@@ -32,28 +33,33 @@ _embed_init = nn.initializers.normal(stddev=1.0)
 
 
 def _dense_kernel(module, name, shape, axes, config, scale=1.0):
-  init = _kernel_init if scale == 1.0 else (
-      lambda *a, **k: _kernel_init(*a, **k) * scale)
-  return module.param(
-      name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
+  init = _kernel_init if scale == 1.0 else (lambda *a, **k: _kernel_init(*a, **k) * scale)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, config.param_dtype)
 
 
 class RMSNorm(nn.Module):
   """T5 layer norm: scale only, no mean subtraction, statistics in fp32."""
+
   config: T5Config
 
   @nn.compact
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) +
-                            self.config.layer_norm_epsilon)
-    scale = self.param("scale", nn.with_logical_partitioning(
-        nn.initializers.ones, ("embed",)), (x.shape[-1],), self.config.param_dtype)
+    y = x32 * jax.lax.rsqrt(
+        jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.layer_norm_epsilon
+    )
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        (x.shape[-1],),
+        self.config.param_dtype,
+    )
     return (y * scale.astype(jnp.float32)).astype(self.config.dtype)
 
 
 class Dense(nn.Module):
   """A bias-free projection whose kernel carries logical axis names."""
+
   features: int
   axes: tuple
   config: T5Config
@@ -61,13 +67,13 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = _dense_kernel(self, "kernel", (x.shape[-1], self.features),
-                           self.axes, self.config, self.init_scale)
+    kernel = _dense_kernel(
+        self, "kernel", (x.shape[-1], self.features), self.axes, self.config, self.init_scale
+    )
     return jnp.dot(x.astype(self.config.dtype), kernel.astype(self.config.dtype))
 
 
-def relative_position_bucket(relative_position, bidirectional, num_buckets,
-                             max_distance):
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
   """Mesh-TF/T5 bucketing of `memory_pos - query_pos` (log-spaced far buckets)."""
   n = -relative_position
   ret = jnp.zeros_like(n)
@@ -80,8 +86,9 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets,
   max_exact = num_buckets // 2
   # maximum(n, 1) keeps log finite; those n are taken by the `is_small` branch.
   large = max_exact + (
-      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) /
-      np.log(max_distance / max_exact) * (num_buckets - max_exact)
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+      / np.log(max_distance / max_exact)
+      * (num_buckets - max_exact)
   ).astype(n.dtype)
   large = jnp.minimum(large, num_buckets - 1)
   return ret + jnp.where(n < max_exact, n, large)
@@ -89,6 +96,7 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets,
 
 class RelativePositionBiases(nn.Module):
   """One learned scalar per (head, bucket), shared by all layers of a stack."""
+
   config: T5Config
   bidirectional: bool
 
@@ -98,11 +106,17 @@ class RelativePositionBiases(nn.Module):
     cfg = self.config
     rel = key_positions[..., None, :] - query_positions[..., :, None]
     buckets = relative_position_bucket(
-        rel, self.bidirectional, cfg.relative_attention_num_buckets,
-        cfg.relative_attention_max_distance)
-    table = self.param("rel_embedding", nn.with_logical_partitioning(
-        _kernel_init, ("heads", "relpos_buckets")),
-        (cfg.num_heads, cfg.relative_attention_num_buckets), cfg.param_dtype)
+        rel,
+        self.bidirectional,
+        cfg.relative_attention_num_buckets,
+        cfg.relative_attention_max_distance,
+    )
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(_kernel_init, ("heads", "relpos_buckets")),
+        (cfg.num_heads, cfg.relative_attention_num_buckets),
+        cfg.param_dtype,
+    )
     bias = jnp.take(table.astype(cfg.dtype), buckets, axis=1)  # [h, .., q, k]
     bias = jnp.moveaxis(bias, 0, -3)
     return bias if bias.ndim == 4 else bias[None]
@@ -114,15 +128,15 @@ class MultiHeadAttention(nn.Module):
   With `decode=True` it keeps a KV cache in the "cache" collection
   (cached_key, cached_value, cache_index) and attends one new position per call.
   """
+
   config: T5Config
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, bias, *, deterministic: bool,
-               decode: bool = False):
+  def __call__(self, inputs_q, inputs_kv, bias, *, deterministic: bool, decode: bool = False):
     cfg = self.config
     inner = cfg.num_heads * cfg.head_dim
     proj = functools.partial(Dense, inner, ("embed", "joined_kv"), cfg)
-    query = proj(name="query", init_scale=cfg.head_dim ** -0.5)(inputs_q)
+    query = proj(name="query", init_scale=cfg.head_dim**-0.5)(inputs_q)
     key = proj(name="key")(inputs_kv)
     value = proj(name="value")(inputs_kv)
     split = lambda t: t.reshape(t.shape[:-1] + (cfg.num_heads, cfg.head_dim))
@@ -137,10 +151,8 @@ class MultiHeadAttention(nn.Module):
       # already masks the unfilled positions.
       is_initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,
-                                   value.dtype)
-      cache_index = self.variable("cache", "cache_index",
-                                  lambda: jnp.array(0, dtype=jnp.int32))
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
       if is_initialized:
         idx = cache_index.value
         key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, idx, 0, 0))
@@ -148,12 +160,10 @@ class MultiHeadAttention(nn.Module):
         cached_key.value, cached_value.value = key, value
         cache_index.value = idx + 1
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     scores = scores + bias.astype(jnp.float32)
     weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=())(
-        weights, deterministic=deterministic)
+    weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=())(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg, name="out")(out)
@@ -161,13 +171,13 @@ class MultiHeadAttention(nn.Module):
 
 class MlpBlock(nn.Module):
   """Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x)."""
+
   config: T5Config
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.config
-    gate = nn.gelu(Dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="wi_0")(x),
-                   approximate=True)
+    gate = nn.gelu(Dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="wi_0")(x), approximate=True)
     linear = Dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="wi_1")(x)
     h = nn.with_logical_constraint(gate * linear, ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -186,30 +196,46 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, bias, *, deterministic: bool):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
-    x = _residual(x, MultiHeadAttention(cfg, name="attention")(
-        h, h, bias, deterministic=deterministic), cfg, deterministic)
+    x = _residual(
+        x,
+        MultiHeadAttention(cfg, name="attention")(h, h, bias, deterministic=deterministic),
+        cfg,
+        deterministic,
+    )
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    return _residual(x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic),
-                     cfg, deterministic)
+    return _residual(
+        x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic), cfg, deterministic
+    )
 
 
 class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, *, deterministic: bool,
-               decode: bool):
+  def __call__(self, x, encoded, self_bias, cross_bias, *, deterministic: bool, decode: bool):
     cfg = self.config
     h = RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
-    x = _residual(x, MultiHeadAttention(cfg, name="self_attention")(
-        h, h, self_bias, deterministic=deterministic, decode=decode),
-        cfg, deterministic)
+    x = _residual(
+        x,
+        MultiHeadAttention(cfg, name="self_attention")(
+            h, h, self_bias, deterministic=deterministic, decode=decode
+        ),
+        cfg,
+        deterministic,
+    )
     h = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
-    x = _residual(x, MultiHeadAttention(cfg, name="encoder_decoder_attention")(
-        h, encoded, cross_bias, deterministic=deterministic), cfg, deterministic)
+    x = _residual(
+        x,
+        MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+            h, encoded, cross_bias, deterministic=deterministic
+        ),
+        cfg,
+        deterministic,
+    )
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    return _residual(x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic),
-                     cfg, deterministic)
+    return _residual(
+        x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic), cfg, deterministic
+    )
 
 
 def mask_bias(mask, dtype):
@@ -219,6 +245,7 @@ def mask_bias(mask, dtype):
 
 class Encoder(nn.Module):
   """Encoder stack; `run_layers` executes any contiguous range of its layers."""
+
   config: T5Config
 
   def setup(self):
@@ -229,15 +256,16 @@ class Encoder(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
 
   def __call__(self, x, mask, positions=None, *, deterministic: bool):
-    x = self.run_layers(x, mask, 0, len(self.layers), positions,
-                        deterministic=deterministic)
+    x = self.run_layers(x, mask, 0, len(self.layers), positions, deterministic=deterministic)
     return self.finalize(x, deterministic=deterministic)
 
   def run_layers(self, x, mask, start, end, positions=None, *, deterministic: bool):
     """Layers [start, end) over embedded `x` [b, l, d] with key mask `mask` [b, l]."""
     if not 0 <= start <= end <= len(self.layers):
-      raise ValueError(f"encoder layer range [{start}, {end}) is outside "
-                       f"[0, {len(self.layers)}) (num_encoder_layers)")
+      raise ValueError(
+          f"encoder layer range [{start}, {end}) is outside "
+          f"[0, {len(self.layers)}) (num_encoder_layers)"
+      )
     if positions is None:
       positions = jnp.arange(x.shape[1])[None]
     bias = self.relpos_bias(positions, positions)
@@ -253,12 +281,14 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Decoder stack. With `T5Config.logits_via_embedding` (T5 1.0) the output layer is the
   shared token embedding (passed in as `shared_embedding`), scaled by 1/sqrt(emb_dim)."""
+
   config: T5Config
   shared_embedding: Optional[nn.Module] = None
 
   @nn.compact
-  def __call__(self, y, encoded, encoder_mask, decoder_mask, *,
-               deterministic: bool, decode: bool = False):
+  def __call__(
+      self, y, encoded, encoder_mask, decoder_mask, *, deterministic: bool, decode: bool = False
+  ):
     cfg = self.config
     relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
     if decode and self.has_variable("cache", "position"):
@@ -267,7 +297,8 @@ class Decoder(nn.Module):
       key_positions = self.variable("cache", "key_positions", lambda: None).value[None]
       query_positions = position.value.reshape(1, 1)
       self_bias = relpos(query_positions, key_positions) + mask_bias(
-          (key_positions <= position.value)[:, None, None, :], cfg.dtype)
+          (key_positions <= position.value)[:, None, None, :], cfg.dtype
+      )
       position.value = position.value + 1
     else:
       positions = jnp.arange(y.shape[1])[None]
@@ -276,20 +307,20 @@ class Decoder(nn.Module):
         self.variable("cache", "key_positions", lambda: positions[0])
       causal = positions[:, :, None] >= positions[:, None, :]
       self_bias = relpos(positions, positions) + mask_bias(
-          (causal & decoder_mask[:, None, :])[:, None], cfg.dtype)
+          (causal & decoder_mask[:, None, :])[:, None], cfg.dtype
+      )
     cross_bias = mask_bias(encoder_mask[:, None, None, :], cfg.dtype)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, name=f"layers_{i}")(
-          y, encoded, self_bias, cross_bias, deterministic=deterministic,
-          decode=decode)
+          y, encoded, self_bias, cross_bias, deterministic=deterministic, decode=decode
+      )
     y = RMSNorm(cfg, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
       logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(cfg.dtype)
     else:
       logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="logits_dense")(y)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 class Transformer(nn.Module):
@@ -300,13 +331,18 @@ class Transformer(nn.Module):
   `encode_layers` / `encode_finalize`, and `decode` over any encoded sequence
   with an explicit encoder mask (FiD and LUMEN concatenate passages there).
   """
+
   config: T5Config
 
   def setup(self):
     cfg = self.config
     self.token_embedder = nn.Embed(
-        cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(_embed_init, ("vocab", "embed")))
+        cfg.vocab_size,
+        cfg.emb_dim,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(_embed_init, ("vocab", "embed")),
+    )
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -316,8 +352,7 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def encode_layers(self, x, mask, start, end, positions=None, *, deterministic: bool):
-    return self.encoder.run_layers(x, mask, start, end, positions,
-                                   deterministic=deterministic)
+    return self.encoder.run_layers(x, mask, start, end, positions, deterministic=deterministic)
 
   def encode_finalize(self, x, *, deterministic: bool):
     return self.encoder.finalize(x, deterministic=deterministic)
@@ -327,26 +362,51 @@ class Transformer(nn.Module):
     x = self.embed(encoder_input_tokens, deterministic=deterministic)
     return self.encoder(x, mask, deterministic=deterministic)
 
-  def decode(self, encoded, encoder_mask, decoder_input_tokens,
-             decoder_target_tokens=None, *, deterministic: bool = True,
-             decode: bool = False):
+  def decode(
+      self,
+      encoded,
+      encoder_mask,
+      decoder_input_tokens,
+      decoder_target_tokens=None,
+      *,
+      deterministic: bool = True,
+      decode: bool = False,
+  ):
     """Logits [b, l, vocab]. In `decode` mode one position per call over the cache."""
     if decoder_target_tokens is None:
       decoder_target_tokens = jnp.ones_like(decoder_input_tokens)
     y = self.embed(decoder_input_tokens, deterministic=deterministic)
-    return self.decoder(y, encoded, encoder_mask, decoder_target_tokens > 0,
-                        deterministic=deterministic, decode=decode)
+    return self.decoder(
+        y,
+        encoded,
+        encoder_mask,
+        decoder_target_tokens > 0,
+        deterministic=deterministic,
+        decode=decode,
+    )
 
-  def __call__(self, encoder_input_tokens, decoder_input_tokens,
-               decoder_target_tokens, *, enable_dropout: bool = False):
+  def __call__(
+      self,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens,
+      *,
+      enable_dropout: bool = False,
+  ):
     deterministic = not enable_dropout
     encoded = self.encode(encoder_input_tokens, deterministic=deterministic)
-    return self.decode(encoded, encoder_input_tokens > 0, decoder_input_tokens,
-                       decoder_target_tokens, deterministic=deterministic)
+    return self.decode(
+        encoded,
+        encoder_input_tokens > 0,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        deterministic=deterministic,
+    )
 
 
-def init_variables(config: T5Config, rng, batch_size: int = 1,
-                   encoder_length: int = 8, decoder_length: int = 8):
+def init_variables(
+    config: T5Config, rng, batch_size: int = 1, encoder_length: int = 8, decoder_length: int = 8
+):
   """Initial variables (boxed with logical axis metadata); shapes only depend on config."""
   enc = jnp.ones((batch_size, encoder_length), jnp.int32)
   dec = jnp.ones((batch_size, decoder_length), jnp.int32)

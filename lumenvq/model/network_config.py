@@ -1,4 +1,5 @@
 """T5Config: the network's hyper-parameters, bound from gin (`gin_configs/models/*.gin`)."""
+
 import dataclasses
 from typing import Any
 
@@ -20,6 +21,7 @@ class T5Config:
   option of that name); T5 1.1 keeps a separate `logits_dense`. Tying makes copying input
   tokens easy, which is what a small reader trained from scratch must learn first.
   """
+
   vocab_size: int = 32128
   emb_dim: int = 512
   num_heads: int = 6
@@ -38,7 +40,13 @@ class T5Config:
   def __post_init__(self):
     object.__setattr__(self, "dtype", as_dtype(self.dtype))
     object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
-    for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                  "relative_attention_num_buckets"):
+    for field in (
+        "vocab_size",
+        "emb_dim",
+        "num_heads",
+        "head_dim",
+        "mlp_dim",
+        "relative_attention_num_buckets",
+    ):
       if getattr(self, field) <= 0:
         raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")

@@ -6,6 +6,7 @@ encoder, the product quantizer's shape, and LUMEN-Light's kept memory length. Ev
 here is plain Python so the trainer, the feature converter and the precompute job can ask
 for derived numbers (memory layers, freeze regex, bytes per token) without a module.
 """
+
 import dataclasses
 import math
 from typing import Optional
@@ -39,6 +40,7 @@ class ReaderConfig:
     light_length: M memory tokens kept per passage by lumen_light.
     freeze_memory_encoder: the trainer freezes `memory_encoder_param_regex` when set.
   """
+
   architecture: str = "lumen"
   num_passages: int = 20
   passage_length: int = 256
@@ -54,8 +56,9 @@ class ReaderConfig:
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
-      raise ValueError(f"ReaderConfig.architecture={self.architecture!r}: expected one of "
-                       f"{ARCHITECTURES}")
+      raise ValueError(
+          f"ReaderConfig.architecture={self.architecture!r}: expected one of " f"{ARCHITECTURES}"
+      )
     for field in ("num_passages", "passage_length", "subspace_dim", "num_residual"):
       if getattr(self, field) < 1:
         raise ValueError(f"ReaderConfig.{field}={getattr(self, field)}: must be >= 1")
@@ -66,11 +69,14 @@ class ReaderConfig:
     if self.architecture == "lumen_light":
       m, lp = self.light_length, self.passage_length
       if m is None or not 1 <= m <= lp:
-        raise ValueError(f"ReaderConfig.light_length={m}: lumen_light needs 1 <= M <= "
-                         f"passage_length={lp}")
+        raise ValueError(
+            f"ReaderConfig.light_length={m}: lumen_light needs 1 <= M <= " f"passage_length={lp}"
+        )
     if self.architecture == "fid" and self.freeze_memory_encoder:
-      raise ValueError("ReaderConfig.freeze_memory_encoder=True with architecture='fid': "
-                       "fid has no memory encoder to freeze")
+      raise ValueError(
+          "ReaderConfig.freeze_memory_encoder=True with architecture='fid': "
+          "fid has no memory encoder to freeze"
+      )
 
   def num_memory_layers(self, num_encoder_layers: int) -> int:
     """n: encoder layers [0, n) are the memory encoder; at least one layer stays live."""
@@ -80,7 +86,8 @@ class ReaderConfig:
     if n >= num_encoder_layers:
       raise ValueError(
           f"ReaderConfig.live_fraction={self.live_fraction} leaves no live encoder layer of "
-          f"num_encoder_layers={num_encoder_layers} (memory encoder would be {n} layers)")
+          f"num_encoder_layers={num_encoder_layers} (memory encoder would be {n} layers)"
+      )
     return n
 
   @property
@@ -92,11 +99,15 @@ class ReaderConfig:
     """G for model dimension d, checked to divide it."""
     g = self.num_subspaces if self.num_subspaces is not None else emb_dim // self.subspace_dim
     if g < 1 or emb_dim % g:
-      setting = (f"ReaderConfig.num_subspaces={self.num_subspaces}"
-                 if self.num_subspaces is not None else
-                 f"ReaderConfig.subspace_dim={self.subspace_dim}")
-      raise ValueError(f"{setting}: model dimension T5Config.emb_dim={emb_dim} is not "
-                       f"divisible into {g} subspaces")
+      setting = (
+          f"ReaderConfig.num_subspaces={self.num_subspaces}"
+          if self.num_subspaces is not None
+          else f"ReaderConfig.subspace_dim={self.subspace_dim}"
+      )
+      raise ValueError(
+          f"{setting}: model dimension T5Config.emb_dim={emb_dim} is not "
+          f"divisible into {g} subspaces"
+      )
     return g
 
   def memory_encoder_param_regex(self, num_encoder_layers: int) -> str:
@@ -108,8 +119,10 @@ class ReaderConfig:
     """
     n = self.num_memory_layers(num_encoder_layers)
     if n == 0:
-      raise ValueError(f"ReaderConfig.live_fraction={self.live_fraction}: no memory encoder "
-                       f"layer of num_encoder_layers={num_encoder_layers} to freeze")
+      raise ValueError(
+          f"ReaderConfig.live_fraction={self.live_fraction}: no memory encoder "
+          f"layer of num_encoder_layers={num_encoder_layers} to freeze"
+      )
     return r"^encoder/layers_(" + "|".join(str(i) for i in range(n)) + r")/"
 
   def frozen_param_patterns(self, num_encoder_layers: int) -> tuple:

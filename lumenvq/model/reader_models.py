@@ -12,6 +12,7 @@ metrics. Models do not import data code: the converter takes numpy examples.
 computed from passage tokens, or read from a precomputed store (batches then carry
 passage ids, or the host-read rows, instead of passage tokens; see `stored_memory`).
 """
+
 from typing import Optional, Sequence
 
 import gin
@@ -39,13 +40,29 @@ class ReaderFeatureConverter:
   padding row. With `passage_ids` (stored memory) `passage_ids` ([K'] ids, -1 padded) ->
   passage_ids [B, K] int32, the first K, -1 for missing ones, instead of passage_tokens.
   """
-  FEATURES = ("question_tokens", "passage_tokens", "decoder_input_tokens",
-              "decoder_target_tokens", "decoder_loss_weights")
-  ID_FEATURES = ("question_tokens", "passage_ids", "decoder_input_tokens",
-                 "decoder_target_tokens", "decoder_loss_weights")
 
-  def __init__(self, task_feature_lengths: dict, num_passages: int, passage_length: int,
-               passage_ids: bool = False):
+  FEATURES = (
+      "question_tokens",
+      "passage_tokens",
+      "decoder_input_tokens",
+      "decoder_target_tokens",
+      "decoder_loss_weights",
+  )
+  ID_FEATURES = (
+      "question_tokens",
+      "passage_ids",
+      "decoder_input_tokens",
+      "decoder_target_tokens",
+      "decoder_loss_weights",
+  )
+
+  def __init__(
+      self,
+      task_feature_lengths: dict,
+      num_passages: int,
+      passage_length: int,
+      passage_ids: bool = False,
+  ):
     self.base = models.EncDecFeatureConverter(task_feature_lengths)
     self.num_passages, self.passage_length = num_passages, passage_length
     self.passage_ids = passage_ids
@@ -57,15 +74,19 @@ class ReaderFeatureConverter:
       if ex is None:
         continue
       if "passage_tokens" not in ex:
-        raise ValueError(f"example {row} of the batch has no 'passage_tokens' feature "
-                         f"(features: {sorted(ex)}): reader models read retrieved passages")
+        raise ValueError(
+            f"example {row} of the batch has no 'passage_tokens' feature "
+            f"(features: {sorted(ex)}): reader models read retrieved passages"
+        )
       for slot, passage in enumerate(list(ex["passage_tokens"])[:k]):
         ids = np.asarray(passage)
         if ids.ndim != 1:
-          raise ValueError(f"passage {slot} of example {row} has shape {ids.shape}: "
-                           "'passage_tokens' must be a list of 1-D token arrays or [K, L]")
+          raise ValueError(
+              f"passage {slot} of example {row} has shape {ids.shape}: "
+              "'passage_tokens' must be a list of 1-D token arrays or [K, L]"
+          )
         ids = ids[:lp]
-        out[row, slot, :len(ids)] = ids
+        out[row, slot, : len(ids)] = ids
     return out
 
   def _ids(self, examples) -> np.ndarray:
@@ -74,13 +95,15 @@ class ReaderFeatureConverter:
       if ex is None:
         continue
       if "passage_ids" not in ex:
-        raise ValueError(f"example {row} of the batch has no 'passage_ids' feature "
-                         f"(features: {sorted(ex)}): stored memory is read by passage id")
+        raise ValueError(
+            f"example {row} of the batch has no 'passage_ids' feature "
+            f"(features: {sorted(ex)}): stored memory is read by passage id"
+        )
       ids = np.asarray(ex["passage_ids"])
       if ids.ndim != 1:
         raise ValueError(f"'passage_ids' of example {row} has shape {ids.shape}: expected [K]")
-      ids = ids[:self.num_passages]
-      out[row, :len(ids)] = ids
+      ids = ids[: self.num_passages]
+      out[row, : len(ids)] = ids
     return out
 
   def __call__(self, examples: Sequence[Optional[dict]]) -> dict:
@@ -103,9 +126,13 @@ class ReaderModel(models.EncoderDecoderModel):
   comes from (None: computed from passage tokens).
   """
 
-  def __init__(self, config: Optional[T5Config] = None,
-               reader: Optional[ReaderConfig] = None,
-               memory: Optional[stored_memory.MemorySource] = None, **kwargs):
+  def __init__(
+      self,
+      config: Optional[T5Config] = None,
+      reader: Optional[ReaderConfig] = None,
+      memory: Optional[stored_memory.MemorySource] = None,
+      **kwargs,
+  ):
     self.reader = reader if reader is not None else ReaderConfig()
     self.memory = memory if memory is not None else stored_memory.MemorySource()
     self.memory.check(self.reader)
@@ -119,36 +146,57 @@ class ReaderModel(models.EncoderDecoderModel):
     return readers.make_reader(self.config, self.reader)
 
   def feature_converter(self, task_feature_lengths: dict):
-    return ReaderFeatureConverter(task_feature_lengths, self.reader.num_passages,
-                                  self.reader.passage_length, passage_ids=self.memory.stored)
+    return ReaderFeatureConverter(
+        task_feature_lengths,
+        self.reader.num_passages,
+        self.reader.passage_length,
+        passage_ids=self.memory.stored,
+    )
 
-  def get_initial_variables(self, rng, batch_size: int = 1, question_length: int = 8,
-                            decoder_length: int = 8):
-    return readers.init_variables(self.module, rng, batch_size, question_length,
-                                  decoder_length)
+  def get_initial_variables(
+      self, rng, batch_size: int = 1, question_length: int = 8, decoder_length: int = 8
+  ):
+    return readers.init_variables(self.module, rng, batch_size, question_length, decoder_length)
 
   def frozen_param_patterns(self) -> tuple:
     """The memory encoder's layers when `ReaderConfig.freeze_memory_encoder`."""
     return self.module.frozen_param_patterns()
 
   def module_inputs(self, batch) -> tuple:
-    memory = ((batch["passage_tokens"],) if not self.memory.stored else
-              stored_memory.memory_inputs(batch, self.memory.reader))
-    return (batch["question_tokens"], *memory, batch["decoder_input_tokens"],
-            batch["decoder_target_tokens"])
+    memory = (
+        (batch["passage_tokens"],)
+        if not self.memory.stored
+        else stored_memory.memory_inputs(batch, self.memory.reader)
+    )
+    return (
+        batch["question_tokens"],
+        *memory,
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+    )
 
   def input_token_count(self, batch):
-    memory = (jnp.sum(batch["passage_tokens"] > 0) if not self.memory.stored else
-              stored_memory.memory_token_count(batch, self.memory.reader))
+    memory = (
+        jnp.sum(batch["passage_tokens"] > 0)
+        if not self.memory.stored
+        else stored_memory.memory_token_count(batch, self.memory.reader)
+    )
     return jnp.sum(batch["question_tokens"] > 0) + memory
 
   def encode(self, variables, batch) -> tuple:
     if self.memory.stored:
-      return self.module.apply(variables, batch["question_tokens"],
-                               *stored_memory.memory_inputs(batch, self.memory.reader),
-                               method=stored_memory.encode)
-    return self.module.apply(variables, batch["question_tokens"], batch["passage_tokens"],
-                             method=readers.Reader.encode_passages)
+      return self.module.apply(
+          variables,
+          batch["question_tokens"],
+          *stored_memory.memory_inputs(batch, self.memory.reader),
+          method=stored_memory.encode,
+      )
+    return self.module.apply(
+        variables,
+        batch["question_tokens"],
+        batch["passage_tokens"],
+        method=readers.Reader.encode_passages,
+    )
 
   def train_rngs(self, rng) -> dict:
     rngs = super().train_rngs(rng)
@@ -164,4 +212,3 @@ class ReaderModel(models.EncoderDecoderModel):
       return {}
     (metrics,) = sown  # One quantizer call per forward.
     return {f"quantizer/{name}": metrics[name] * weight for name in QUANTIZER_METRICS}
-

@@ -17,6 +17,7 @@ its memory nor its copy of the question. The encoder splits at n = memory layers
 Positions in the live encoder continue the passage after the question's last real token,
 so n = 0 (FiD) equals plain T5 on the unpadded concatenation `question ; passage`.
 """
+
 from typing import Optional
 
 import flax
@@ -50,6 +51,7 @@ class Memory:
   vectors [..., Lm, d] float, mask [..., Lm] bool; codes [..., Lm, G] (or [..., Lm, R, G])
   uint8/uint16 for LUMEN-VQ when asked for, else None.
   """
+
   vectors: jax.Array
   mask: jax.Array
   codes: Optional[jax.Array] = None
@@ -60,14 +62,17 @@ class Reader(network.Transformer):
 
   `reader` carries the architecture; use `make_reader` so the class matches it.
   """
+
   reader: ReaderConfig
 
   def setup(self):
     super().setup()
     want = READERS[self.reader.architecture]
     if type(self) is not want:
-      raise ValueError(f"ReaderConfig.architecture={self.reader.architecture!r} is built by "
-                       f"readers.{want.__name__}, not {type(self).__name__} (use make_reader)")
+      raise ValueError(
+          f"ReaderConfig.architecture={self.reader.architecture!r} is built by "
+          f"readers.{want.__name__}, not {type(self).__name__} (use make_reader)"
+      )
     self.num_memory_layers = self.reader.num_memory_layers(self.config.num_encoder_layers)
 
   def frozen_param_patterns(self) -> tuple:
@@ -78,16 +83,18 @@ class Reader(network.Transformer):
   def _shared_prefix(self, tokens, deterministic):
     """Embedding + layers [0, n): the memory encoder, also run over the question."""
     x = self.embed(tokens, deterministic=deterministic)
-    return self.encode_layers(x, tokens > 0, 0, self.num_memory_layers,
-                              deterministic=deterministic)
+    return self.encode_layers(x, tokens > 0, 0, self.num_memory_layers, deterministic=deterministic)
 
-  def compute_memory(self, passage_tokens, *, enable_dropout: bool = False,
-                     return_codes: bool = False) -> Memory:
+  def compute_memory(
+      self, passage_tokens, *, enable_dropout: bool = False, return_codes: bool = False
+  ) -> Memory:
     """Memory of passages [..., Lp] (any leading dims: [B, K] in training, [N] offline)."""
     lp = self.reader.passage_length
     if passage_tokens.ndim < 2 or passage_tokens.shape[-1] != lp:
-      raise ValueError(f"passage_tokens shape {tuple(passage_tokens.shape)}: expected "
-                       f"[..., ReaderConfig.passage_length={lp}]")
+      raise ValueError(
+          f"passage_tokens shape {tuple(passage_tokens.shape)}: expected "
+          f"[..., ReaderConfig.passage_length={lp}]"
+      )
     lead = passage_tokens.shape[:-1]
     tokens = passage_tokens.reshape(-1, lp)
     x = self._shared_prefix(tokens, not enable_dropout)
@@ -97,27 +104,37 @@ class Reader(network.Transformer):
   def store(self, memory: Memory, *, return_codes: bool = False) -> Memory:
     """What is kept of the memory encoder's output; the VQ and Light readers override it."""
     if return_codes:
-      raise ValueError(f"return_codes=True: ReaderConfig.architecture="
-                       f"{self.reader.architecture!r} stores float memory; codes exist for "
-                       "lumen_vq")
+      raise ValueError(
+          f"return_codes=True: ReaderConfig.architecture="
+          f"{self.reader.architecture!r} stores float memory; codes exist for "
+          "lumen_vq"
+      )
     return memory
 
   def encode_memory(self, question_tokens, memory: Memory, *, enable_dropout: bool = False):
     """Live encoder over `[question ; memory_k]`; returns (encoded [B, K*(Lq+Lm), d], mask)."""
     cfg, deterministic = self.config, not enable_dropout
-    if memory.vectors.ndim != 4 or memory.vectors.shape[2:] != (self.reader.memory_length,
-                                                                cfg.emb_dim):
-      raise ValueError(f"memory shape {tuple(memory.vectors.shape)}: expected [B, K, "
-                       f"{self.reader.memory_length} (memory length), {cfg.emb_dim} (emb_dim)]")
+    if memory.vectors.ndim != 4 or memory.vectors.shape[2:] != (
+        self.reader.memory_length,
+        cfg.emb_dim,
+    ):
+      raise ValueError(
+          f"memory shape {tuple(memory.vectors.shape)}: expected [B, K, "
+          f"{self.reader.memory_length} (memory length), {cfg.emb_dim} (emb_dim)]"
+      )
     if memory.mask.shape != memory.vectors.shape[:3]:
-      raise ValueError(f"memory mask shape {tuple(memory.mask.shape)} != memory "
-                       f"{tuple(memory.vectors.shape[:3])}")
+      raise ValueError(
+          f"memory mask shape {tuple(memory.mask.shape)} != memory "
+          f"{tuple(memory.vectors.shape[:3])}"
+      )
     b, k, lm, d = memory.vectors.shape
     lq = question_tokens.shape[1]
     question_mask = question_tokens > 0
     question = self._shared_prefix(question_tokens, deterministic)  # Once, not K times.
-    x = jnp.concatenate([jnp.broadcast_to(question[:, None], (b, k, lq, d)),
-                         memory.vectors.astype(cfg.dtype)], axis=2)
+    x = jnp.concatenate(
+        [jnp.broadcast_to(question[:, None], (b, k, lq, d)), memory.vectors.astype(cfg.dtype)],
+        axis=2,
+    )
     x = nn.with_logical_constraint(x, MEMORY_AXES)
     memory_mask = memory.mask.astype(jnp.bool_)
     # An absent passage hides its copy of the question too, so the decoder reads the
@@ -127,36 +144,62 @@ class Reader(network.Transformer):
     # The passage continues right after the question's last real token, as in the
     # unpadded text `question passage`: question padding does not shift distances.
     question_length = jnp.sum(question_mask, axis=-1, keepdims=True)
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(lq), (b, lq)),
-                                 question_length + jnp.arange(lm)], axis=1)
+    positions = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(lq), (b, lq)), question_length + jnp.arange(lm)], axis=1
+    )
     positions = jnp.broadcast_to(positions[:, None], (b, k, lq + lm)).reshape(b * k, -1)
-    x = self.encode_layers(x.reshape(b * k, lq + lm, d), mask.reshape(b * k, -1),
-                           self.num_memory_layers, cfg.num_encoder_layers, positions,
-                           deterministic=deterministic)
+    x = self.encode_layers(
+        x.reshape(b * k, lq + lm, d),
+        mask.reshape(b * k, -1),
+        self.num_memory_layers,
+        cfg.num_encoder_layers,
+        positions,
+        deterministic=deterministic,
+    )
     x = self.encode_finalize(x, deterministic=deterministic)
-    encoded = nn.with_logical_constraint(x.reshape(b, k * (lq + lm), d),
-                                         ("batch", "length", "embed"))
+    encoded = nn.with_logical_constraint(
+        x.reshape(b, k * (lq + lm), d), ("batch", "length", "embed")
+    )
     return encoded, mask.reshape(b, k * (lq + lm))
 
-  def encode_passages(self, question_tokens, passage_tokens, *,
-                      enable_dropout: bool = False):
+  def encode_passages(self, question_tokens, passage_tokens, *, enable_dropout: bool = False):
     """End-to-end encoder: memory computed on the fly; (encoded, mask) for the decoder."""
     memory = self.compute_memory(passage_tokens, enable_dropout=enable_dropout)
     return self.encode_memory(question_tokens, memory, enable_dropout=enable_dropout)
 
-  def from_memory(self, question_tokens, memory: Memory, decoder_input_tokens,
-                  decoder_target_tokens=None, *, enable_dropout: bool = False):
+  def from_memory(
+      self,
+      question_tokens,
+      memory: Memory,
+      decoder_input_tokens,
+      decoder_target_tokens=None,
+      *,
+      enable_dropout: bool = False,
+  ):
     """Teacher-forced logits [B, T, vocab] from precomputed (or code-decoded) memory."""
     encoded, mask = self.encode_memory(question_tokens, memory, enable_dropout=enable_dropout)
-    return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens,
-                       deterministic=not enable_dropout)
+    return self.decode(
+        encoded, mask, decoder_input_tokens, decoder_target_tokens, deterministic=not enable_dropout
+    )
 
-  def __call__(self, question_tokens, passage_tokens, decoder_input_tokens,
-               decoder_target_tokens=None, *, enable_dropout: bool = False):
+  def __call__(
+      self,
+      question_tokens,
+      passage_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens=None,
+      *,
+      enable_dropout: bool = False,
+  ):
     """Teacher-forced logits [B, T, vocab] from question [B, Lq] and passages [B, K, Lp]."""
     memory = self.compute_memory(passage_tokens, enable_dropout=enable_dropout)
-    return self.from_memory(question_tokens, memory, decoder_input_tokens,
-                            decoder_target_tokens, enable_dropout=enable_dropout)
+    return self.from_memory(
+        question_tokens,
+        memory,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        enable_dropout=enable_dropout,
+    )
 
 
 class LumenVQ(Reader):
@@ -172,27 +215,35 @@ class LumenVQ(Reader):
     super().setup()
     r = self.reader
     self.quantizer = quantizer.ProductQuantizer(
-        num_subspaces=r.subspaces(self.config.emb_dim), codebook_size=r.codebook_size,
-        num_residual=r.num_residual, ema_decay=r.ema_decay,
-        dead_code_threshold=r.dead_code_threshold, dtype=self.config.dtype)
+        num_subspaces=r.subspaces(self.config.emb_dim),
+        codebook_size=r.codebook_size,
+        num_residual=r.num_residual,
+        ema_decay=r.ema_decay,
+        dead_code_threshold=r.dead_code_threshold,
+        dtype=self.config.dtype,
+    )
 
   def codebooks(self):
     """[G, C, s] (or [R, G, C, s]) codebooks, as `pq_codec` and the code store take them."""
     return quantizer.export_codebooks(self.quantizer.variables)
 
   def store(self, memory: Memory, *, return_codes: bool = False) -> Memory:
-    update = (self.is_mutable_collection(quantizer.QUANTIZER_COLLECTION) and
-              not self.is_initializing())
+    update = (
+        self.is_mutable_collection(quantizer.QUANTIZER_COLLECTION) and not self.is_initializing()
+    )
     vectors, metrics = self.quantizer(memory.vectors, train=update, mask=memory.mask)
     self.sow("intermediates", "quantizer_metrics", metrics)
     codes = None
     if return_codes:
       if update:
-        raise ValueError("return_codes=True with the 'quantizer' collection mutable: a "
-                         "train step moves the codebooks after quantizing; compute codes "
-                         "in eval (immutable)")
-      codes = pq_codec.encode(memory.vectors, self.codebooks(),
-                              chunk_size=self.quantizer.chunk_size)
+        raise ValueError(
+            "return_codes=True with the 'quantizer' collection mutable: a "
+            "train step moves the codebooks after quantizing; compute codes "
+            "in eval (immutable)"
+        )
+      codes = pq_codec.encode(
+          memory.vectors, self.codebooks(), chunk_size=self.quantizer.chunk_size
+      )
       if self.reader.num_residual == 1:  # [..., R, G] codes have one more axis.
         codes = _constrain(codes, CODE_AXES)
     return Memory(vectors, memory.mask, codes)
@@ -214,8 +265,9 @@ class LumenLight(Reader):
 
   def store(self, memory: Memory, *, return_codes: bool = False) -> Memory:
     m = self.reader.light_length
-    return super().store(Memory(memory.vectors[..., :m, :], memory.mask[..., :m]),
-                         return_codes=return_codes)
+    return super().store(
+        Memory(memory.vectors[..., :m, :], memory.mask[..., :m]), return_codes=return_codes
+    )
 
 
 READERS = {"fid": Reader, "lumen": Reader, "lumen_vq": LumenVQ, "lumen_light": LumenLight}
@@ -226,8 +278,9 @@ def make_reader(config: T5Config, reader: ReaderConfig) -> Reader:
   return READERS[reader.architecture](config, reader=reader)
 
 
-def init_variables(module: Reader, rng, batch_size: int = 1, question_length: int = 8,
-                   decoder_length: int = 8):
+def init_variables(
+    module: Reader, rng, batch_size: int = 1, question_length: int = 8, decoder_length: int = 8
+):
   """Initial variables ("params", and "quantizer" for LUMEN-VQ) with logical axis metadata."""
   r = module.reader
   question = jnp.ones((batch_size, question_length), jnp.int32)
@@ -239,4 +292,5 @@ def init_variables(module: Reader, rng, batch_size: int = 1, question_length: in
 def export_codebooks(variables):
   """Codebooks for `pq_codec` / the code store from a LUMEN-VQ reader's variables."""
   return quantizer.export_codebooks(
-      {quantizer.QUANTIZER_COLLECTION: variables[quantizer.QUANTIZER_COLLECTION]["quantizer"]})
+      {quantizer.QUANTIZER_COLLECTION: variables[quantizer.QUANTIZER_COLLECTION]["quantizer"]}
+  )

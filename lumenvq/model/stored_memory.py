@@ -25,6 +25,7 @@ so no checkpoint saves them and no optimizer sees them.
 This module is the model side: what runs inside the jitted steps. Opening the store and
 feeding batches is `lumenvq.memory.memory_feed`.
 """
+
 import dataclasses
 from typing import Optional
 
@@ -50,6 +51,7 @@ class MemorySource:
     vocabulary_path, passage_table_dir: compared with the store's hashes when given.
     read_ahead: batches the host reader reads ahead in training.
   """
+
   reader: str = "compute"
   path: Optional[str] = None
   checkpoint_step: Optional[int] = None
@@ -61,8 +63,10 @@ class MemorySource:
     if self.reader not in READERS:
       raise ValueError(f"MemorySource.reader={self.reader!r}: expected one of {READERS}")
     if self.stored and not self.path:
-      raise ValueError(f"MemorySource.reader={self.reader!r} reads a memory store: set "
-                       "MemorySource.path (made by `python -m lumenvq.precompute_memory`)")
+      raise ValueError(
+          f"MemorySource.reader={self.reader!r} reads a memory store: set "
+          "MemorySource.path (made by `python -m lumenvq.precompute_memory`)"
+      )
 
   @property
   def stored(self) -> bool:
@@ -71,8 +75,10 @@ class MemorySource:
   def check(self, reader_config) -> None:
     """A stored reader needs memory to store: fid has no memory encoder."""
     if self.stored and reader_config.architecture == "fid":
-      raise ValueError(f"MemorySource.reader={self.reader!r} with ReaderConfig.architecture="
-                       "'fid': fid has no memory encoder, so there is no memory to store")
+      raise ValueError(
+          f"MemorySource.reader={self.reader!r} with ReaderConfig.architecture="
+          "'fid': fid has no memory encoder, so there is no memory to store"
+      )
 
 
 def _memory(module, values, mask, codebooks) -> readers.Memory:
@@ -81,12 +87,25 @@ def _memory(module, values, mask, codebooks) -> readers.Memory:
   return module.memory_from_codes(values, mask, codebooks)
 
 
-def teacher_forced(module, question_tokens, values, mask, codebooks, decoder_input_tokens,
-                   decoder_target_tokens=None, *, enable_dropout: bool = False):
+def teacher_forced(
+    module,
+    question_tokens,
+    values,
+    mask,
+    codebooks,
+    decoder_input_tokens,
+    decoder_target_tokens=None,
+    *,
+    enable_dropout: bool = False,
+):
   """`Reader.from_memory` on stored rows (a flax `apply` method: `module` is bound)."""
-  return module.from_memory(question_tokens, _memory(module, values, mask, codebooks),
-                            decoder_input_tokens, decoder_target_tokens,
-                            enable_dropout=enable_dropout)
+  return module.from_memory(
+      question_tokens,
+      _memory(module, values, mask, codebooks),
+      decoder_input_tokens,
+      decoder_target_tokens,
+      enable_dropout=enable_dropout,
+  )
 
 
 def encode(module, question_tokens, values, mask, codebooks):
@@ -97,9 +116,11 @@ def encode(module, question_tokens, values, mask, codebooks):
 def _constants(batch, reader: str) -> dict:
   constants = batch.get(models.STEP_CONSTANTS)
   if constants is None:
-    raise ValueError(f"MemorySource.reader={reader!r}: the batch has no "
-                     f"{models.STEP_CONSTANTS!r}; give the Trainer the step constants of "
-                     "memory_feed.open_feed")
+    raise ValueError(
+        f"MemorySource.reader={reader!r}: the batch has no "
+        f"{models.STEP_CONSTANTS!r}; give the Trainer the step constants of "
+        "memory_feed.open_feed"
+    )
   return constants
 
 
@@ -118,5 +139,4 @@ def memory_token_count(batch, reader: str):
   """Real memory tokens of a batch's stored memory (for tokens/s)."""
   if reader == "host":
     return jnp.sum(batch["memory_mask"], dtype=jnp.int32)
-  return memory_table.gather_lengths(_constants(batch, reader)["table"],
-                                     batch["passage_ids"]).sum()
+  return memory_table.gather_lengths(_constants(batch, reader)["table"], batch["passage_ids"]).sum()

@@ -12,6 +12,7 @@ Layouts (one convention for the whole project):
 * code dtype: ``uint8`` when ``C <= 256``, ``uint16`` when ``C <= 65536`` (the MEMORY-VQ
   setting, 16-bit codes); larger codebooks are rejected because the store has no wider layout.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,8 @@ def code_dtype(codebook_size: int) -> np.dtype:
   if not 1 <= codebook_size <= MAX_CODEBOOK_SIZE:
     raise ValueError(
         f"codebook_size={codebook_size}: must be in [1, {MAX_CODEBOOK_SIZE}] (codes are "
-        "stored as uint8 or uint16)")
+        "stored as uint8 or uint16)"
+    )
   return np.dtype(np.uint8) if codebook_size <= 256 else np.dtype(np.uint16)
 
 
@@ -44,7 +46,8 @@ def _check_codebooks(codebooks) -> tuple[int, int, int, int | None]:
   else:
     raise ValueError(
         f"codebooks shape {tuple(codebooks.shape)}: expected [G, C, d/G] or "
-        "[R, G, C, d/G] (residual stages)")
+        "[R, G, C, d/G] (residual stages)"
+    )
   if not jnp.issubdtype(codebooks.dtype, jnp.floating):
     raise ValueError(f"codebooks dtype {codebooks.dtype}: must be floating point")
   code_dtype(c)
@@ -53,7 +56,8 @@ def _check_codebooks(codebooks) -> tuple[int, int, int, int | None]:
 
 def _is_concrete(a) -> bool:
   return isinstance(a, np.ndarray) or (
-      isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer))
+      isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+  )
 
 
 def encode(x, codebooks, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
@@ -69,7 +73,8 @@ def encode(x, codebooks, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
   if x.shape[-1] != g * s:
     raise ValueError(
         f"x last dim {x.shape[-1]} != num_subspaces {g} * subspace_dim {s} of the codebooks "
-        f"(d must be divisible by G and match the codebooks)")
+        f"(d must be divisible by G and match the codebooks)"
+    )
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
   if r is None:
@@ -109,6 +114,7 @@ def _encode_stage(x, codebooks, chunk_size: int) -> jax.Array:
   if num_chunks == 1:
     best = jnp.argmin(chunk_scores(cb[0], norms[0]), axis=-1)
   else:
+
     def chunk_best(k, cb_chunk, norm_chunk):
       scores = chunk_scores(cb_chunk, norm_chunk)
       return jnp.min(scores, axis=-1), jnp.argmin(scores, axis=-1) + k * chunk
@@ -135,18 +141,18 @@ def decode(codes, codebooks) -> jax.Array:
   """
   g, c, s, r = _check_codebooks(codebooks)
   want = (g,) if r is None else (r, g)
-  if codes.ndim < len(want) or tuple(codes.shape[-len(want):]) != want:
+  if codes.ndim < len(want) or tuple(codes.shape[-len(want) :]) != want:
     layout = "[..., G]" if r is None else "[..., R, G]"
     raise ValueError(
         f"codes shape {tuple(codes.shape)} does not end in {want}: codebooks "
-        f"{tuple(codebooks.shape)} expect codes {layout}")
+        f"{tuple(codebooks.shape)} expect codes {layout}"
+    )
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise ValueError(f"codes dtype {codes.dtype}: must be an integer type")
   if _is_concrete(codes) and codes.size:
     lo, hi = int(np.min(np.asarray(codes))), int(np.max(np.asarray(codes)))
     if lo < 0 or hi >= c:
-      raise ValueError(
-          f"codes range [{lo}, {hi}] does not fit codebook_size {c} of the codebooks")
+      raise ValueError(f"codes range [{lo}, {hi}] does not fit codebook_size {c} of the codebooks")
   if r is None:
     return _decode_stage(codes, codebooks)
   out = _decode_stage(codes[..., 0, :], codebooks[0])
@@ -169,8 +175,9 @@ def _decode_rows(rows, codebooks) -> jax.Array:
   if codebooks.dtype == jnp.float32 and pq_decode_cpu.available():
     if rows.dtype not in pq_decode_cpu.CODE_DTYPES:
       rows = rows.astype(jnp.int32)
-    return lax.platform_dependent(rows, codebooks, cpu=pq_decode_cpu.decode_rows,
-                                  default=_gather_rows)
+    return lax.platform_dependent(
+        rows, codebooks, cpu=pq_decode_cpu.decode_rows, default=_gather_rows
+    )
   return _gather_rows(rows, codebooks)
 
 
@@ -198,5 +205,6 @@ def _gather_rows(rows, codebooks) -> jax.Array:
     out = jnp.asarray(codebooks).reshape(-1).at[flat].get(mode="promise_in_bounds")
     return jnp.where((code >= 0) & (code < c), out, jnp.nan)
   # One row gather per subspace from its own [C, s] codebook, concatenated.
-  return jnp.concatenate([jnp.take(codebooks[i], rows[:, i], axis=0, mode="fill")
-                          for i in range(g)], axis=-1)
+  return jnp.concatenate(
+      [jnp.take(codebooks[i], rows[:, i], axis=0, mode="fill") for i in range(g)], axis=-1
+  )

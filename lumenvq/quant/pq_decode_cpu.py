@@ -7,6 +7,7 @@ is partitioned like its input's row axis, with the codebooks replicated, so a da
 decode stays data-parallel (an FFI call is otherwise replicated, all-gathering the codes);
 under vmap, batched codes are more rows and batched codebooks a call each.
 """
+
 import functools
 import os
 
@@ -28,8 +29,7 @@ def available() -> bool:
   built = native.library("quant._pq_decode_cpu", "PQ decode on CPU uses the slower XLA gather")
   if built is None:
     return False
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(built.LumenvqPqDecode),
-                              platform="cpu")
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(built.LumenvqPqDecode), platform="cpu")
   return True
 
 
@@ -44,8 +44,9 @@ def threads_per_device(devices: int) -> int:
 def _kernel(rows, codebooks, devices: int):
   g, _, s = codebooks.shape
   out = jax.ShapeDtypeStruct((rows.shape[0], g * s), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(rows, codebooks,
-                                       threads=np.int64(threads_per_device(devices)))
+  return jax.ffi.ffi_call(TARGET, out)(
+      rows, codebooks, threads=np.int64(threads_per_device(devices))
+  )
 
 
 def _rows_sharding(mesh, rows_sharding) -> NamedSharding:
@@ -68,9 +69,10 @@ def _partitioned(rows, codebooks):
 
 _partitioned.def_partition(
     partition=_partition,
-    infer_sharding_from_operands=lambda mesh, args, result: _rows_sharding(
-        mesh, args[0].sharding),
-    sharding_rule="n g, g c s -> n d", need_replication_factors=("g", "c", "s", "d"))
+    infer_sharding_from_operands=lambda mesh, args, result: _rows_sharding(mesh, args[0].sharding),
+    sharding_rule="n g, g c s -> n d",
+    need_replication_factors=("g", "c", "s", "d"),
+)
 
 
 @jax.custom_batching.custom_vmap
@@ -80,8 +82,11 @@ def decode_rows(rows, codebooks):
   out = _partitioned(rows, codebooks)
   # Under shard_map the result varies over the mesh axes its inputs vary over, as a gather's
   # would; the FFI call does not say so itself.
-  varying = tuple(sorted(jax.typeof(rows).manual_axis_type.varying |
-                         jax.typeof(codebooks).manual_axis_type.varying))
+  varying = tuple(
+      sorted(
+          jax.typeof(rows).manual_axis_type.varying | jax.typeof(codebooks).manual_axis_type.varying
+      )
+  )
   return jax.lax.pcast(out, varying, to="varying") if varying else out
 
 

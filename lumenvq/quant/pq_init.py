@@ -11,6 +11,7 @@ Sampling without replacement from the D^2 distribution is a Gumbel top-k on
 shards merge their local top-k, so a batch split over devices gives the same centers as the
 whole batch on one device.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,8 +36,7 @@ def _gather_invariant(a, axis_name, me, shards):
   return lax.psum(lax.dynamic_update_slice_in_dim(buf, a, me * k, axis=1), axis_name)
 
 
-def kmeans_pp_centers(xs, weights, num_codes: int, key, *, rounds: int = 256,
-                      axis_name=None):
+def kmeans_pp_centers(xs, weights, num_codes: int, key, *, rounds: int = 256, axis_name=None):
   """D^2-sampled centers per subspace, drawn from the batch rows.
 
   Round 0 picks one center uniformly (as k-means++); rounds 1.. pick the other C - 1,
@@ -73,7 +73,8 @@ def kmeans_pp_centers(xs, weights, num_codes: int, key, *, rounds: int = 256,
     round_key = jax.random.fold_in(key, round_idx)
     # Noise keyed by the global row index: independent of how the batch is sharded.
     noise = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(round_key, r), (g,)))(
-        global_rows)
+        global_rows
+    )
     score = jnp.where(valid[:, None], log_d2 + noise, -jnp.inf).T  # [G, n]
     if n_local < num:  # top_k needs at least num candidates per shard
       score = jnp.pad(score, ((0, 0), (0, num - n_local)), constant_values=-jnp.inf)

@@ -21,6 +21,7 @@ below ``dead_code_threshold`` of the subspace's mean usage to random vectors of 
 Train steps need the ``"quantizer"`` PRNG stream. Encode/decode of stored codes go through
 ``pq_codec`` with ``export_codebooks(variables)``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,15 +53,16 @@ def batch_statistics(xs, codes, weights, codebook_size: int, axis_name=None):
   gi = jnp.broadcast_to(jnp.arange(g), (n, g))
   ci = codes.astype(jnp.int32)
   w = weights.astype(jnp.float32)
-  counts = jnp.zeros((g, codebook_size), jnp.float32).at[gi, ci].add(
-      jnp.broadcast_to(w[:, None], (n, g)))
-  sums = jnp.zeros((g, codebook_size, s), jnp.float32).at[gi, ci].add(
-      xs * w[:, None, None])
+  counts = (
+      jnp.zeros((g, codebook_size), jnp.float32)
+      .at[gi, ci]
+      .add(jnp.broadcast_to(w[:, None], (n, g)))
+  )
+  sums = jnp.zeros((g, codebook_size, s), jnp.float32).at[gi, ci].add(xs * w[:, None, None])
   return _psum(counts, axis_name), _psum(sums, axis_name)
 
 
-def ema_update(ema_counts, ema_sums, counts, sums, codebooks, *, decay: float,
-               epsilon: float):
+def ema_update(ema_counts, ema_sums, counts, sums, codebooks, *, decay: float, epsilon: float):
   """One EMA step; returns (ema_counts, ema_sums, codebooks).
 
   Laplace smoothing, (n + eps) / (sum n + C eps) * sum n, keeps a starved code's vector
@@ -75,8 +77,9 @@ def ema_update(ema_counts, ema_sums, counts, sums, codebooks, *, decay: float,
   return n, s, new
 
 
-def reset_dead_codes(xs, weights, codebooks, ema_counts, ema_sums, key, *,
-                     threshold: float, axis_name=None):
+def reset_dead_codes(
+    xs, weights, codebooks, ema_counts, ema_sums, key, *, threshold: float, axis_name=None
+):
   """Moves codes used less than ``threshold`` x the subspace's mean EMA count onto batch rows.
 
   Rows are drawn uniformly from the global batch by global row index and fetched from the
@@ -131,6 +134,7 @@ class ProductQuantizer(nn.Module):
     axis_name: mesh axis (or tuple) the batch is sharded over inside shard_map, else None.
     dtype: dtype of the returned quantized vectors; statistics are always float32.
   """
+
   num_subspaces: int
   codebook_size: int
   num_residual: int = 1
@@ -170,13 +174,17 @@ class ProductQuantizer(nn.Module):
     c, cbs, counts_all = self.codebook_size, [], []
     residual = xs
     for stage in range(self.num_residual):
-      cb = pq_init.kmeans_pp_centers(residual, w, c, jax.random.fold_in(key, stage),
-                                     rounds=self.init_rounds, axis_name=self.axis_name)
+      cb = pq_init.kmeans_pp_centers(
+          residual,
+          w,
+          c,
+          jax.random.fold_in(key, stage),
+          rounds=self.init_rounds,
+          axis_name=self.axis_name,
+      )
       for _ in range(self.init_lloyd_iters):
-        counts, sums = batch_statistics(residual, self._encode(residual, cb), w, c,
-                                        self.axis_name)
-        cb = jnp.where(counts[..., None] > 0,
-                       sums / jnp.maximum(counts, 1e-30)[..., None], cb)
+        counts, sums = batch_statistics(residual, self._encode(residual, cb), w, c, self.axis_name)
+        cb = jnp.where(counts[..., None] > 0, sums / jnp.maximum(counts, 1e-30)[..., None], cb)
       codes = self._encode(residual, cb)
       counts, _ = batch_statistics(residual, codes, w, c, self.axis_name)
       residual = residual - self._decode(codes, cb)
@@ -201,8 +209,13 @@ class ProductQuantizer(nn.Module):
     s = d // g
 
     def var(name, shape, axes):
-      return self.variable(QUANTIZER_COLLECTION, name,
-                           nn.with_logical_partitioning(jnp.zeros, axes), shape, jnp.float32)
+      return self.variable(
+          QUANTIZER_COLLECTION,
+          name,
+          nn.with_logical_partitioning(jnp.zeros, axes),
+          shape,
+          jnp.float32,
+      )
 
     cb_var = var("codebooks", (r, g, c, s), CODEBOOK_AXES)
     n_var = var("ema_counts", (r, g, c), COUNT_AXES)
@@ -210,15 +223,18 @@ class ProductQuantizer(nn.Module):
     init_var = self.variable(QUANTIZER_COLLECTION, "initialized", jnp.zeros, (), jnp.bool_)
 
     xs = jnp.asarray(x, jnp.float32).reshape(-1, g, s)
-    w = (jnp.ones(xs.shape[:1], jnp.float32) if mask is None else
-         jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1).astype(jnp.float32))
+    w = (
+        jnp.ones(xs.shape[:1], jnp.float32)
+        if mask is None
+        else jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1).astype(jnp.float32)
+    )
     update = train and not self.is_initializing()
     codebooks, ema_n, ema_s = cb_var.value, n_var.value, s_var.value
     if update:
       seed_key, reset_key = jax.random.split(self.make_rng(RNG_STREAM))
       codebooks, ema_n, ema_s = lax.cond(
-          init_var.value, lambda: (codebooks, ema_n, ema_s),
-          lambda: self._seed(xs, w, seed_key))
+          init_var.value, lambda: (codebooks, ema_n, ema_s), lambda: self._seed(xs, w, seed_key)
+      )
       init_var.value = jnp.ones((), jnp.bool_)
 
     residual, q = xs, jnp.zeros_like(xs)
@@ -231,18 +247,35 @@ class ProductQuantizer(nn.Module):
       usage.append(jnp.mean((counts > 0).astype(jnp.float32), -1))
       perplexity.append(jnp.exp(-jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), -1)))
       if update:
-        n_r, s_r, cb_r = ema_update(ema_n[stage], ema_s[stage], counts, sums,
-                                    codebooks[stage], decay=self.ema_decay,
-                                    epsilon=self.epsilon)
+        n_r, s_r, cb_r = ema_update(
+            ema_n[stage],
+            ema_s[stage],
+            counts,
+            sums,
+            codebooks[stage],
+            decay=self.ema_decay,
+            epsilon=self.epsilon,
+        )
         if self.dead_code_threshold > 0:
           stage_key = jax.random.fold_in(reset_key, stage)
           no_reset = lambda cb, n_, s_: (cb, n_, s_, jnp.zeros(n_.shape, jnp.bool_))
           cb_r, n_r, s_r, reset = lax.cond(
               jnp.any(n_r < self.dead_code_threshold * jnp.mean(n_r, -1, keepdims=True)),
               lambda cb, n_, s_: reset_dead_codes(
-                  residual, w, cb, n_, s_, stage_key, threshold=self.dead_code_threshold,
-                  axis_name=self.axis_name),
-              no_reset, cb_r, n_r, s_r)
+                  residual,
+                  w,
+                  cb,
+                  n_,
+                  s_,
+                  stage_key,
+                  threshold=self.dead_code_threshold,
+                  axis_name=self.axis_name,
+              ),
+              no_reset,
+              cb_r,
+              n_r,
+              s_r,
+          )
           num_reset = num_reset + jnp.sum(reset, dtype=jnp.int32)
         new_state.append((cb_r, n_r, s_r))
       q_stage = self._decode(codes, codebooks[stage])  # forward uses the pre-update codebook
@@ -253,7 +286,7 @@ class ProductQuantizer(nn.Module):
 
     sums = {
         "err": jnp.sum(w * jnp.sum((xs - q) ** 2, axis=(1, 2))),
-        "norm": jnp.sum(w * jnp.sum(xs ** 2, axis=(1, 2))),
+        "norm": jnp.sum(w * jnp.sum(xs**2, axis=(1, 2))),
         # Differentiable; summed over axis_name, so each shard's gradient is its share of
         # the global mean, the convention for losses under shard_map.
         "commit": jnp.sum(w * jnp.sum((xs - lax.stop_gradient(q)) ** 2, axis=(1, 2))),

@@ -10,6 +10,7 @@ a process killed mid-save leaves the previous step latest.
 Restores land on the shardings of the given abstract state, i.e. on whatever
 mesh the restoring job uses.
 """
+
 import os
 import signal
 import uuid
@@ -22,7 +23,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from lumenvq.training import param_io
-
 
 ITEMS = ("params", "opt_state", "model_state")
 
@@ -49,15 +49,21 @@ def check_writable(directory: str) -> str:
 class Checkpointer:
   """Saves every `save_every` steps (asynchronously), keeps the newest `keep`."""
 
-  def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+      self, directory: str, save_every: int = 1000, keep: int = 3, async_save: bool = True
+  ):
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
     self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers={item: ocp.StandardCheckpointHandler() for item in ITEMS},
+        self.directory,
+        item_handlers={item: ocp.StandardCheckpointHandler() for item in ITEMS},
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save, create=True))
+            save_interval_steps=save_every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        ),
+    )
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -68,8 +74,10 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     """Starts saving `state` (a trainer.TrainState) at `step`; returns before it is on disk."""
-    items = dict(params=ocp.args.StandardSave({"params": state.params}),
-                 opt_state=ocp.args.StandardSave(state.opt_state))
+    items = dict(
+        params=ocp.args.StandardSave({"params": state.params}),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+    )
     if state.model_state:
       items["model_state"] = ocp.args.StandardSave(state.model_state)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -85,9 +93,11 @@ class Checkpointer:
           raise CheckpointError(
               f"{source} has no model_state item: the configured model keeps the "
               f"collections {sorted(abstract_state.model_state)} (was it saved by another "
-              "architecture?)")
-        param_io.check_shapes(abstract_state.model_state, tree("model_state"), source,
-                              what="model state")
+              "architecture?)"
+          )
+        param_io.check_shapes(
+            abstract_state.model_state, tree("model_state"), source, what="model state"
+        )
     except ValueError as e:
       raise CheckpointError(str(e)) from e
 
@@ -110,13 +120,17 @@ class Checkpointer:
     except (ValueError, KeyError) as e:
       raise CheckpointError(
           f"the optimizer state in {self.directory}/{step} does not fit the configured "
-          f"optimizer (was it saved with another one?): {e}") from e
+          f"optimizer (was it saved with another one?): {e}"
+      ) from e
     step_array = jax.make_array_from_callback(
-        (), abstract_state.step.sharding, lambda _: np.asarray(step, np.int32))
+        (), abstract_state.step.sharding, lambda _: np.asarray(step, np.int32)
+    )
     return abstract_state.replace(
-        step=step_array, params=restored["params"]["params"],
+        step=step_array,
+        params=restored["params"]["params"],
         opt_state=restored["opt_state"] if "opt_state" in items else None,
-        model_state=restored["model_state"] if "model_state" in items else {})
+        model_state=restored["model_state"] if "model_state" in items else {},
+    )
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -141,12 +155,14 @@ def restore_model_state_dir(params_path: str, abstract_model_state):
     raise CheckpointError(
         f"CHECKPOINT_PATH={params_path} holds parameters only, but the model also keeps "
         f"{sorted(abstract_model_state)} (trained codebooks): give MODEL_DIR, or the params "
-        f"directory of a training checkpoint (its model_state is read from {path})")
+        f"directory of a training checkpoint (its model_state is read from {path})"
+    )
   ckptr = ocp.StandardCheckpointer()
   try:
     stored = ckptr.metadata(path).item_metadata
-    param_io.check_shapes(abstract_model_state, getattr(stored, "tree", stored), path,
-                          what="model state")
+    param_io.check_shapes(
+        abstract_model_state, getattr(stored, "tree", stored), path, what="model state"
+    )
   except ValueError as e:
     raise CheckpointError(str(e)) from e
   return ckptr.restore(path, abstract_model_state)
@@ -159,8 +175,11 @@ def load_state(abstract_state, model_dir=None, step=None, params_path=None):
   abstract_state = abstract_state.replace(opt_state=None)
   if params_path:
     params = restore_param_dir(params_path, abstract_state.params)
-    model_state = (restore_model_state_dir(params_path, abstract_state.model_state)
-                   if abstract_state.model_state else {})
+    model_state = (
+        restore_model_state_dir(params_path, abstract_state.model_state)
+        if abstract_state.model_state
+        else {}
+    )
     return abstract_state.replace(step=0, params=params, model_state=model_state), 0
   if not model_dir:
     raise CheckpointError("give MODEL_DIR (with checkpoints/) or a CHECKPOINT_PATH")

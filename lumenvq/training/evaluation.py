@@ -5,6 +5,7 @@ Used by the periodic eval in training, by `lumenvq.eval` and by
 each global batch; decoded ids come back replicated, so every process holds
 all predictions (process 0 writes them).
 """
+
 import json
 import os
 import time
@@ -17,10 +18,18 @@ import tqdm
 from lumenvq.training import input_pipeline
 
 
-def predictions(trainer, state, source, split: str, batch_size: int,
-                max_examples: Optional[int] = None, progress: bool = False,
-                teacher_forced: bool = True, prepare: Optional[Callable] = None,
-                timing: Optional[dict] = None) -> tuple:
+def predictions(
+    trainer,
+    state,
+    source,
+    split: str,
+    batch_size: int,
+    max_examples: Optional[int] = None,
+    progress: bool = False,
+    teacher_forced: bool = True,
+    prepare: Optional[Callable] = None,
+    timing: Optional[dict] = None,
+) -> tuple:
   """([(example, decoded text)], teacher-forced metric sums or None) over `split`, with
   the params and model state of `state` (a trainer.TrainState). `prepare` finishes each
   converted batch on the host (stored memory: `memory_feed.MemoryFeed.prepare`).
@@ -30,8 +39,12 @@ def predictions(trainer, state, source, split: str, batch_size: int,
   examples = list(source.examples(split))
   total = len(examples) if max_examples is None else min(max_examples, len(examples))
   out, sums = [], None
-  bar = tqdm.tqdm(total=total, desc=f"{source.name}:{split}", unit="ex",
-                  disable=not progress or jax.process_index() != 0)
+  bar = tqdm.tqdm(
+      total=total,
+      desc=f"{source.name}:{split}",
+      unit="ex",
+      disable=not progress or jax.process_index() != 0,
+  )
   layout = input_pipeline.data_layout(trainer.mesh, batch_size)
   start = None
   for local, chunk, n in input_pipeline.eval_batches(examples, convert, layout, max_examples):
@@ -52,10 +65,17 @@ def predictions(trainer, state, source, split: str, batch_size: int,
   return out, sums
 
 
-def evaluate(trainer, state, source, split: str, batch_size: int,
-             max_examples: Optional[int] = None, progress: bool = False,
-             prepare: Optional[Callable] = None,
-             on_predictions: Optional[Callable] = None) -> dict:
+def evaluate(
+    trainer,
+    state,
+    source,
+    split: str,
+    batch_size: int,
+    max_examples: Optional[int] = None,
+    progress: bool = False,
+    prepare: Optional[Callable] = None,
+    on_predictions: Optional[Callable] = None,
+) -> dict:
   """Task metrics on decoded predictions plus teacher-forced `loss` and `token_accuracy`
   (not `accuracy`: that is FEVER's label accuracy).
 
@@ -67,17 +87,30 @@ def evaluate(trainer, state, source, split: str, batch_size: int,
   results = {}
   for src in sources:
     timing = {}
-    pairs, sums = predictions(trainer, state, src, split, batch_size, max_examples,
-                              progress, prepare=prepare, timing=timing)
+    pairs, sums = predictions(
+        trainer,
+        state,
+        src,
+        split,
+        batch_size,
+        max_examples,
+        progress,
+        prepare=prepare,
+        timing=timing,
+    )
     if on_predictions is not None:
       on_predictions(src, pairs)
-    targets = [src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
-               for ex, _ in pairs]
+    targets = [
+        src.postprocess(ex["targets_pretokenized"], example=ex, is_target=True) for ex, _ in pairs
+    ]
     preds = [src.postprocess(text, example=ex, is_target=False) for ex, text in pairs]
     metrics = dict(src.score(targets, preds))
     weight = max(float(sums["weight"]), 1e-9)
-    metrics.update(loss=float(sums["loss"]) / weight,
-                   token_accuracy=float(sums["correct"]) / weight, examples=len(pairs))
+    metrics.update(
+        loss=float(sums["loss"]) / weight,
+        token_accuracy=float(sums["correct"]) / weight,
+        examples=len(pairs),
+    )
     if timing.get("examples"):
       metrics["seconds_per_example"] = timing["seconds"] / timing["examples"]
     prefix = f"{src.name}/" if len(sources) > 1 else ""
@@ -103,11 +136,17 @@ def prediction_records(source, pairs, kilt: bool) -> Iterator[dict]:
   for example, text in pairs:
     if kilt:
       if "id" not in example:
-        raise ValueError(f"task {source.name} is written in KILT format but its examples "
-                         "have no 'id' feature")
+        raise ValueError(
+            f"task {source.name} is written in KILT format but its examples " "have no 'id' feature"
+        )
       example_id = example["id"]
-      yield {"id": example_id.decode() if isinstance(example_id, bytes) else str(example_id),
-             "output": [{"answer": text}]}
+      yield {
+          "id": example_id.decode() if isinstance(example_id, bytes) else str(example_id),
+          "output": [{"answer": text}],
+      }
     else:
-      yield {"inputs": example.get("inputs_pretokenized"), "prediction": text,
-             "targets": example.get("targets_pretokenized")}
+      yield {
+          "inputs": example.get("inputs_pretokenized"),
+          "prediction": text,
+          "targets": example.get("targets_pretokenized"),
+      }

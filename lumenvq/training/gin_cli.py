@@ -12,6 +12,7 @@ with flags, else gin (`initialize_distributed.*`), else the environment
 (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU pods
 JAX detects the cluster itself.
 """
+
 import difflib
 import inspect
 import os
@@ -84,8 +85,9 @@ class GinConfigError(ValueError):
   """A gin file or binding that gin rejects; the message adds the closest names."""
 
 
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
+def parse_gin(
+    gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()
+) -> None:
   """Parses files then bindings (bindings win), like T5X; unknown names stop here."""
   for path in [REPO_ROOT, os.getcwd(), *search_paths]:
     gin.add_config_file_search_path(path)
@@ -95,8 +97,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     raise GinConfigError(f"{e}{closest_names_hint(str(e))}") from e
 
 
-_GIN_CALL_ERRORS = re.compile(r"Required bindings for|No bindings specified for|"
-                              r"set to `%gin.REQUIRED`")
+_GIN_CALL_ERRORS = re.compile(
+    r"Required bindings for|No bindings specified for|" r"set to `%gin.REQUIRED`"
+)
 
 
 def call_with_gin_errors(fn: Callable, *args, **kwargs):
@@ -111,10 +114,12 @@ def call_with_gin_errors(fn: Callable, *args, **kwargs):
 
 
 @gin.configurable
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None,
-                           auto_detect: bool = False) -> None:
+def initialize_distributed(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    auto_detect: bool = False,
+) -> None:
   """`jax.distributed.initialize` from flags, then gin, then the environment.
 
   With `auto_detect`, or on a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES
@@ -122,18 +127,23 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   (Cloud TPU, SLURM, Open MPI). Otherwise a single process runs without it.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  address = FLAGS.coordinator_address or coordinator_address or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS")
+
+  address = (
+      FLAGS.coordinator_address or coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  )
   count = FLAGS.num_processes or num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
-  index = FLAGS.process_id if FLAGS.process_id is not None else (
-      process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID"))
-  tpu_hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get(
-      "TPU_WORKER_HOSTNAMES", "")
+  index = (
+      FLAGS.process_id
+      if FLAGS.process_id is not None
+      else (process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID"))
+  )
+  tpu_hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if address and count:
     if index is None:
       raise GinConfigError("a multi-process run needs --process_id (or JAX_PROCESS_ID)")
-    logging.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%s)",
-                 address, count, index)
+    logging.info(
+        "jax.distributed.initialize(%s, num_processes=%d, process_id=%s)", address, count, index
+    )
     jax.distributed.initialize(address, num_processes=count, process_id=int(index))
   elif auto_detect or "," in tpu_hosts:
     logging.info("jax.distributed.initialize() with cluster auto-detection")
@@ -143,6 +153,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 def write_config(directory: str, name: str = "config.gin") -> str:
   """Writes the operative gin config (what the run used) atomically; process 0 only."""
   import jax  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, name)
   if jax.process_index() == 0:
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -163,6 +174,7 @@ def run(main: Callable, expected_errors: tuple = ()) -> None:
   """absl `app.run` with gin flags; `main(argv)` runs after gin is parsed and
   the distributed system is up. Gin errors and `expected_errors` (bad
   settings, a non-finite loss) exit 1 with their message, without a traceback."""
+
   def wrapped(argv):
     logging.get_absl_handler().addFilter(_QuietLibraryInfo())
     try:
@@ -172,12 +184,15 @@ def run(main: Callable, expected_errors: tuple = ()) -> None:
     except (GinConfigError,) + tuple(expected_errors) as e:
       print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
       sys.exit(1)
+
   app.run(wrapped, flags_parser=lambda argv: FLAGS(rewrite_gin_args(argv)))
 
 
 def run_configurable(fn: Callable, expected_errors: tuple = ()) -> None:
   """The whole main of a CLI whose work is one gin configurable (train, eval, infer)."""
+
   def main(argv):
     del argv
     call_with_gin_errors(fn)  # Its return value is not an exit status.
+
   run(main, expected_errors)

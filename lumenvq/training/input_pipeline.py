@@ -10,6 +10,7 @@ shard per position on the mesh's `data` axis, interleaved as
 `tf.data.Dataset.shard` does), so the global batch of a step is the same set
 of examples for any number of processes.
 """
+
 import dataclasses
 import importlib
 import itertools
@@ -29,8 +30,12 @@ def _is_kilt_name(name: str) -> bool:
 class SeqioSource:
   """A SeqIO task or mixture; seqio (and the task modules) are imported on construction."""
 
-  def __init__(self, mixture_or_task_name: str, task_feature_lengths: dict,
-               task_modules: Sequence[str] = ("tasks", "tasks.debug")):
+  def __init__(
+      self,
+      mixture_or_task_name: str,
+      task_feature_lengths: dict,
+      task_modules: Sequence[str] = ("tasks", "tasks.debug"),
+  ):
     # The CLIs lock gin after parsing; task modules imported only now may still
     # register their settings (e.g. `demo_data`), left at their defaults. A
     # gin file that binds them imports `tasks` itself, at parse time.
@@ -39,6 +44,7 @@ class SeqioSource:
         importlib.import_module(module)
     import seqio  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     self._seqio, self._tf = seqio, tf
     self.name = mixture_or_task_name
     self.feature_lengths = dict(task_feature_lengths)
@@ -47,13 +53,27 @@ class SeqioSource:
     # A KILT task writes KILT predictions: named after a KILT dataset, or marked.
     self.is_kilt = all(getattr(t, "is_kilt", False) or _is_kilt_name(t.name) for t in tasks)
 
-  def examples(self, split: str, *, shard_index: int = 0, num_shards: int = 1,
-               shuffle: bool = False, seed: int = 0, repeat: bool = False,
-               skip: int = 0) -> Iterator[dict]:
+  def examples(
+      self,
+      split: str,
+      *,
+      shard_index: int = 0,
+      num_shards: int = 1,
+      shuffle: bool = False,
+      seed: int = 0,
+      repeat: bool = False,
+      skip: int = 0,
+  ) -> Iterator[dict]:
     shard = self._seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
     ds = self.provider.get_dataset(
-        sequence_length=self.feature_lengths, split=split, shuffle=shuffle, seed=seed,
-        shard_info=shard, num_epochs=None if repeat else 1, use_cached=False)
+        sequence_length=self.feature_lengths,
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_info=shard,
+        num_epochs=None if repeat else 1,
+        use_cached=False,
+    )
     # Without tf.data's autotuning thread: it sleeps up to a minute between rounds, and
     # deleting the iterator waits for it (measured: 45-55 s lost at the end of each demo
     # train run). Reading a demo batch costs about the same without it (0.042 vs 0.038 s).
@@ -79,16 +99,20 @@ class SeqioSource:
   def task_sources(self):
     """One source per task (a mixture's tasks are decoded and written separately)."""
     tasks = getattr(self.provider, "tasks", None)
-    return [self] if tasks is None else [
-        SeqioSource(t.name, self.feature_lengths, ()) for t in tasks]
+    return (
+        [self] if tasks is None else [SeqioSource(t.name, self.feature_lengths, ()) for t in tasks]
+    )
 
   def eval_sources(self):
     return [s for s in self.task_sources() if s.provider.predict_metric_fns]
 
 
 @gin.configurable
-def get_source(mixture_or_task_name: str = gin.REQUIRED,
-               task_feature_lengths: dict = gin.REQUIRED, backend: str = "seqio"):
+def get_source(
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: dict = gin.REQUIRED,
+    backend: str = "seqio",
+):
   """The task's data: `backend='seqio'`, or `'numpy'` for the debug tasks without seqio."""
   if backend == "seqio":
     return SeqioSource(mixture_or_task_name, task_feature_lengths)
@@ -103,6 +127,7 @@ def get_source(mixture_or_task_name: str = gin.REQUIRED,
 class DataLayout:
   """Which rows of a global batch this process feeds: rows [start, stop), which is
   shard `shard_index` of `num_shards` equal shards (T5X's data layout)."""
+
   batch_size: int
   start: int
   stop: int
@@ -134,16 +159,31 @@ def data_layout(mesh, batch_size: int) -> DataLayout:
   if batch_size % layout.local_size or layout.start % layout.local_size:
     raise partitioning.PartitioningError(
         f"process {jax.process_index()} holds rows [{layout.start}, {layout.stop}) of "
-        f"BATCH_SIZE={batch_size}: not one of equal contiguous shards")
+        f"BATCH_SIZE={batch_size}: not one of equal contiguous shards"
+    )
   return layout
 
 
-def train_batches(source, convert: Callable, layout: DataLayout, start_step: int, *,
-                  split: str = "train", shuffle: bool = False, seed: int = 0) -> Iterator[dict]:
+def train_batches(
+    source,
+    convert: Callable,
+    layout: DataLayout,
+    start_step: int,
+    *,
+    split: str = "train",
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[dict]:
   """This process's rows of the global batches for steps start_step+1, start_step+2, ..."""
-  stream = source.examples(split, shard_index=layout.shard_index,
-                           num_shards=layout.num_shards, shuffle=shuffle, seed=seed,
-                           repeat=True, skip=start_step * layout.local_size)
+  stream = source.examples(
+      split,
+      shard_index=layout.shard_index,
+      num_shards=layout.num_shards,
+      shuffle=shuffle,
+      seed=seed,
+      repeat=True,
+      skip=start_step * layout.local_size,
+  )
   while True:
     chunk = list(itertools.islice(stream, layout.local_size))
     if len(chunk) < layout.local_size:
@@ -151,8 +191,12 @@ def train_batches(source, convert: Callable, layout: DataLayout, start_step: int
     yield convert(chunk)
 
 
-def eval_batches(examples: Sequence[dict], convert: Callable, layout: DataLayout,
-                 max_examples: Optional[int] = None) -> Iterator[tuple]:
+def eval_batches(
+    examples: Sequence[dict],
+    convert: Callable,
+    layout: DataLayout,
+    max_examples: Optional[int] = None,
+) -> Iterator[tuple]:
   """(this process's rows of a global batch, the batch's examples, number of real rows).
 
   Every process reads the whole eval split and feeds its rows of each global
@@ -160,14 +204,17 @@ def eval_batches(examples: Sequence[dict], convert: Callable, layout: DataLayout
   """
   examples = list(examples)[:max_examples]
   for first in range(0, len(examples), layout.batch_size):
-    chunk = examples[first:first + layout.batch_size]
-    rows = chunk[layout.start:layout.stop]
+    chunk = examples[first : first + layout.batch_size]
+    rows = chunk[layout.start : layout.stop]
     rows = rows + [None] * (layout.local_size - len(rows))
     yield convert(rows), chunk, len(chunk)
 
 
 def to_global(local_batch: dict, mesh, batch_size: int) -> dict:
   """Assembles the processes' rows into global arrays sharded over `data`."""
-  return {k: jax.make_array_from_process_local_data(
-      partitioning.data_sharding(mesh, v.ndim), v, (batch_size,) + v.shape[1:])
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(
+          partitioning.data_sharding(mesh, v.ndim), v, (batch_size,) + v.shape[1:]
+      )
+      for k, v in local_batch.items()
+  }

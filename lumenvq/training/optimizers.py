@@ -8,6 +8,7 @@ name matches a `frozen_patterns` regex get zero updates and no optimizer
 state (LUMEN freezes the memory encoder this way: the trainer adds the model's
 `frozen_param_patterns()` to these through `Optimizer.with_frozen`).
 """
+
 import dataclasses
 import re
 from typing import Callable, Optional, Sequence
@@ -21,9 +22,12 @@ import optax
 @gin.configurable
 def rsqrt_decay(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Callable:
   """T5X's rsqrt_decay: constant base/sqrt(warmup) for warmup steps, then 1/sqrt(step)."""
+
   def schedule(step):
     return base_learning_rate * jnp.reciprocal(
-        jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps)))
+        jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps))
+    )
+
   return schedule
 
 
@@ -34,36 +38,52 @@ def constant_schedule(value: float = 1e-3) -> Callable:
 
 
 @gin.configurable
-def linear_warmup_cosine(peak: float = 1e-4, warmup_steps: int = 1000,
-                         decay_steps: int = 100_000, end: float = 0.0) -> Callable:
+def linear_warmup_cosine(
+    peak: float = 1e-4, warmup_steps: int = 1000, decay_steps: int = 100_000, end: float = 0.0
+) -> Callable:
   """The usual AdamW schedule."""
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps, end)
 
 
 @gin.configurable
-def adafactor(learning_rate, decay_rate: float = 0.8, clipping_threshold: Optional[float] = 1.0,
-              multiply_by_parameter_scale: bool = True, factored: bool = True,
-              min_dim_size_to_factor: int = 128, momentum: Optional[float] = None,
-              weight_decay_rate: Optional[float] = None) -> optax.GradientTransformation:
+def adafactor(
+    learning_rate,
+    decay_rate: float = 0.8,
+    clipping_threshold: Optional[float] = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    factored: bool = True,
+    min_dim_size_to_factor: int = 128,
+    momentum: Optional[float] = None,
+    weight_decay_rate: Optional[float] = None,
+) -> optax.GradientTransformation:
   return optax.adafactor(
-      learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
-      multiply_by_parameter_scale=multiply_by_parameter_scale, factored=factored,
-      min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum,
-      weight_decay_rate=weight_decay_rate)
+      learning_rate,
+      decay_rate=decay_rate,
+      clipping_threshold=clipping_threshold,
+      multiply_by_parameter_scale=multiply_by_parameter_scale,
+      factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      momentum=momentum,
+      weight_decay_rate=weight_decay_rate,
+  )
 
 
 @gin.configurable
-def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.01) -> optax.GradientTransformation:
+def adamw(
+    learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01
+) -> optax.GradientTransformation:
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def freeze(tx: optax.GradientTransformation,
-           frozen_patterns: Sequence[str]) -> optax.GradientTransformation:
+def freeze(
+    tx: optax.GradientTransformation, frozen_patterns: Sequence[str]
+) -> optax.GradientTransformation:
   """`tx` on the trainable parameters; zero updates and no state for the frozen ones."""
   patterns = tuple(frozen_patterns)
-  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               lambda params: freeze_labels(params, patterns))
+  return optax.multi_transform(
+      {"trainable": tx, "frozen": optax.set_to_zero()},
+      lambda params: freeze_labels(params, patterns),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +94,7 @@ class Optimizer:
   `with_frozen` can add a model's own patterns (LUMEN's memory encoder) to the gin-set
   ones without nesting two multi_transforms.
   """
+
   tx: optax.GradientTransformation
   schedule: Callable
   frozen_patterns: tuple = ()
@@ -86,8 +107,10 @@ class Optimizer:
       return self
     base = self.unfrozen_tx if self.frozen_patterns else self.tx
     if base is None:
-      raise ValueError(f"cannot freeze {extra}: this Optimizer has frozen_patterns "
-                       f"{self.frozen_patterns} but no unfrozen_tx (use make_optimizer)")
+      raise ValueError(
+          f"cannot freeze {extra}: this Optimizer has frozen_patterns "
+          f"{self.frozen_patterns} but no unfrozen_tx (use make_optimizer)"
+      )
     patterns = self.frozen_patterns + extra
     return Optimizer(freeze(base, patterns), self.schedule, patterns, base)
 
@@ -96,20 +119,25 @@ def freeze_labels(params, frozen_patterns: Sequence[str]):
   """'frozen' / 'trainable' per parameter, by regex search on its '/'-joined name."""
   regexes = [re.compile(p) for p in frozen_patterns]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  labels = {name: "frozen" if any(r.search(name) for r in regexes) else "trainable"
-            for name in flat}
+  labels = {
+      name: "frozen" if any(r.search(name) for r in regexes) else "trainable" for name in flat
+  }
   for regex in regexes:  # A pattern that freezes nothing is a typo, not a choice.
     if not any(regex.search(name) for name in flat):
-      raise ValueError(f"frozen pattern {regex.pattern!r} matches no parameter "
-                       f"(e.g. {next(iter(flat), '')!r})")
+      raise ValueError(
+          f"frozen pattern {regex.pattern!r} matches no parameter "
+          f"(e.g. {next(iter(flat), '')!r})"
+      )
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
 
 @gin.configurable
-def make_optimizer(optimizer_fn: Callable = adafactor,
-                   schedule: Optional[Callable] = None,
-                   frozen_patterns: Sequence[str] = (),
-                   max_grad_norm: Optional[float] = None) -> Optimizer:
+def make_optimizer(
+    optimizer_fn: Callable = adafactor,
+    schedule: Optional[Callable] = None,
+    frozen_patterns: Sequence[str] = (),
+    max_grad_norm: Optional[float] = None,
+) -> Optimizer:
   """`optimizer_fn(learning_rate=schedule)`, optionally with global-norm clipping
   and frozen parameters. `schedule` defaults to `rsqrt_decay()`."""
   schedule = schedule if schedule is not None else rsqrt_decay()

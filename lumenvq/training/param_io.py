@@ -3,6 +3,7 @@
 Used by checkpoint import (convert_checkpoint) and by anything that restores a
 bare parameter tree; the trainer's CheckpointManager keeps whole train states.
 """
+
 import os
 
 import flax
@@ -14,8 +15,10 @@ import orbax.checkpoint as ocp
 
 def flat_names(tree) -> dict:
   """{'encoder/layers_0/attention/query/kernel': leaf, ...}."""
-  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(nn.meta.unbox(tree))).items()}
+  return {
+      "/".join(k): v
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(tree))).items()
+  }
 
 
 def unflat_names(flat: dict):
@@ -31,12 +34,15 @@ def check_shapes(expected, actual, source: str, what: str = "parameter"):
     if name not in act:
       raise ValueError(f"{source}: {what} {name} is missing")
     if tuple(act[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"{source}: {what} {name} has shape "
-                       f"{tuple(act[name].shape)}, the config expects {tuple(leaf.shape)}")
+      raise ValueError(
+          f"{source}: {what} {name} has shape "
+          f"{tuple(act[name].shape)}, the config expects {tuple(leaf.shape)}"
+      )
   extra = sorted(set(act) - set(exp))
   if extra:
-    raise ValueError(f"{source}: {what} {extra[0]} is not in the network "
-                     f"({len(extra)} unexpected in all)")
+    raise ValueError(
+        f"{source}: {what} {extra[0]} is not in the network " f"({len(extra)} unexpected in all)"
+    )
 
 
 def save_params(directory: str, params) -> None:

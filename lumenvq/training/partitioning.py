@@ -4,6 +4,7 @@ Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`,
 `joined_kv`, `vocab`, `batch`, `length`, ...); gin-bound rules map them onto
 the `("data", "model")` mesh, as T5X's `standard_logical_axis_rules` do.
 """
+
 import contextlib
 from typing import Any, Optional, Sequence
 
@@ -43,8 +44,9 @@ def standard_logical_axis_rules(model_parallel_embed: bool = False):
 
 
 @gin.configurable
-def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
-              devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+def make_mesh(
+    mesh_shape: Sequence[int] = (-1, 1), devices: Optional[Sequence[Any]] = None
+) -> jax.sharding.Mesh:
   """A `("data", "model")` mesh; one -1 entry takes the remaining devices.
 
   The shape must use every device exactly: a mesh that does not match the
@@ -55,24 +57,30 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
   if len(shape) != len(MESH_AXES):
     raise PartitioningError(
         f"MESH_SHAPE={tuple(mesh_shape)} must have {len(MESH_AXES)} entries "
-        f"for axes {MESH_AXES}")
+        f"for axes {MESH_AXES}"
+    )
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise PartitioningError(f"MESH_SHAPE={tuple(mesh_shape)}: entries must be "
-                            "positive, with at most one -1")
+    raise PartitioningError(
+        f"MESH_SHAPE={tuple(mesh_shape)}: entries must be " "positive, with at most one -1"
+    )
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
       raise PartitioningError(
-          f"MESH_SHAPE={tuple(mesh_shape)} does not divide the {len(devices)} "
-          f"available devices")
+          f"MESH_SHAPE={tuple(mesh_shape)} does not divide the {len(devices)} " f"available devices"
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
     raise PartitioningError(
         f"MESH_SHAPE={tuple(mesh_shape)} needs {int(np.prod(shape))} devices, "
-        f"but {len(devices)} are available")
-  return jax.make_mesh(tuple(shape), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+        f"but {len(devices)} are available"
+    )
+  return jax.make_mesh(
+      tuple(shape),
+      MESH_AXES,
+      axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+      devices=devices,
+  )
 
 
 def logical_shardings(abstract_tree, mesh, rules):
@@ -84,10 +92,8 @@ def logical_shardings(abstract_tree, mesh, rules):
 def check_divisible(abstract_tree, mesh, rules):
   """Every dimension mapped to a mesh axis must divide by that axis' size."""
   specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
-  leaves = jax.tree_util.tree_leaves_with_path(
-      nn.meta.unbox(abstract_tree))
-  spec_leaves = jax.tree_util.tree_leaves(
-      specs, is_leaf=lambda x: isinstance(x, P))
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_tree))
+  spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
   for (path, leaf), spec in zip(leaves, spec_leaves):
     for dim, axes in zip(leaf.shape, tuple(spec)):
       for axis in (axes,) if isinstance(axes, str) else (axes or ()):
@@ -96,7 +102,8 @@ def check_divisible(abstract_tree, mesh, rules):
           name = "/".join(str(getattr(k, "key", k)) for k in path)
           raise PartitioningError(
               f"{name} has a dimension of {dim} that does not divide by mesh "
-              f"axis '{axis}' of size {size} (MESH_SHAPE={tuple(mesh.shape.values())})")
+              f"axis '{axis}' of size {size} (MESH_SHAPE={tuple(mesh.shape.values())})"
+          )
 
 
 def data_sharding(mesh, ndim: int = 1) -> NamedSharding:
@@ -108,7 +115,8 @@ def check_batch(batch_size: int, mesh, setting: str = "BATCH_SIZE"):
   if batch_size % mesh.shape["data"]:
     raise PartitioningError(
         f"{setting}={batch_size} does not divide by mesh axis 'data' of size "
-        f"{mesh.shape['data']} (MESH_SHAPE={tuple(mesh.shape.values())})")
+        f"{mesh.shape['data']} (MESH_SHAPE={tuple(mesh.shape.values())})"
+    )
 
 
 @contextlib.contextmanager

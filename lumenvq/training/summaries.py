@@ -4,6 +4,7 @@ TensorBoard event files (tensorboardX; process 0 only).
 Per-step metrics stay on device until a window closes, so logging every N
 steps costs one device-to-host transfer per N steps, not one per step.
 """
+
 import contextlib
 import sys
 import time
@@ -20,6 +21,7 @@ def _import_tensorboardx():
   # floats. Hide torch during the import only, so a later `import torch` works.
   if "torch" in sys.modules:
     import tensorboardX  # pylint: disable=g-import-not-at-top
+
     return tensorboardX
   sys.modules["torch"] = None
   try:
@@ -52,8 +54,19 @@ class ScalarWriter:
 
 # The trainer's own metrics; any other one a model adds (LUMEN-VQ's `quantizer/*`) is a
 # sum over target tokens like the loss and is written as window total / total weight.
-TRAINER_METRICS = frozenset({"loss", "z_loss", "weight", "correct", "tokens",
-                             "learning_rate", "grad_norm", "param_norm", "finite"})
+TRAINER_METRICS = frozenset(
+    {
+        "loss",
+        "z_loss",
+        "weight",
+        "correct",
+        "tokens",
+        "learning_rate",
+        "grad_norm",
+        "param_norm",
+        "finite",
+    }
+)
 
 
 @gin.configurable(denylist=["log_dir"])
@@ -110,8 +123,7 @@ class MetricsLogger:
     }
     scalars.update({k: total(k) / weight for k in sorted(set(last) - TRAINER_METRICS)})
     self.writer.write(step, scalars)
-    logging.info("step %d: %s", step, " ".join(
-        f"{k}={v:.7g}" for k, v in scalars.items()))
+    logging.info("step %d: %s", step, " ".join(f"{k}={v:.7g}" for k, v in scalars.items()))
     self._window = []
     self._start_time = time.time()
     return scalars

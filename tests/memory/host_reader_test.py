@@ -1,6 +1,7 @@
 """Host reader: batches gain memory_values / memory_mask equal to the store's rows; read-ahead
 yields what synchronous reads give, in order, and stays bounded; an error reaches the consumer
 after the batches before it; a consumer that stops early stops the reads."""
+
 import gc
 import itertools
 
@@ -20,9 +21,17 @@ def store(tmp_path_factory):
   values = rng.integers(0, 256, (N, LP, G)).astype(np.uint8)
   values[np.arange(LP) >= lengths[:, None]] = 0
   path = str(tmp_path_factory.mktemp("host_reader") / "store")
-  writer = MemoryStore.create(path, kind="codes", num_passages=N, passage_length=LP, width=G,
-                              dtype=np.uint8, fingerprint={}, shard_passages=16,
-                              codebooks=rng.normal(size=(G, 256, 2)).astype(np.float32))
+  writer = MemoryStore.create(
+      path,
+      kind="codes",
+      num_passages=N,
+      passage_length=LP,
+      width=G,
+      dtype=np.uint8,
+      fingerprint={},
+      shard_passages=16,
+      codebooks=rng.normal(size=(G, 256, 2)).astype(np.float32),
+  )
   for shard in range(writer.num_shards):
     start, stop = writer.shard_range(shard)
     writer.write_shard(shard, values[start:stop], lengths[start:stop])

@@ -2,6 +2,7 @@
 and bf16 vectors equal to numpy indexing; resume and refusal on create; every refusal of
 open (missing, incomplete, fingerprint, codebooks, shard files) and read (bad ids, deleted or
 corrupt shard) names what is wrong; the zarr v3 sharding_indexed layout on disk."""
+
 import json
 import os
 
@@ -36,12 +37,22 @@ CASES = {  # kind, dtype, width, num_residual, codebooks shape
 
 def _write(path, case, shards=None, finalize=True, fingerprint=FINGERPRINT):
   kind, dtype, width, r, cb_shape = CASES[case]
-  codebooks = (np.random.default_rng(1).normal(size=cb_shape).astype(np.float32)
-               if cb_shape else None)
+  codebooks = (
+      np.random.default_rng(1).normal(size=cb_shape).astype(np.float32) if cb_shape else None
+  )
   values, lengths = _rows(kind, dtype, width, cb_shape[-2] if cb_shape else None)
-  store = MemoryStore.create(str(path), kind=kind, num_passages=N, passage_length=LP,
-                             width=width, dtype=dtype, fingerprint=fingerprint,
-                             codebooks=codebooks, num_residual=r, shard_passages=SHARD)
+  store = MemoryStore.create(
+      str(path),
+      kind=kind,
+      num_passages=N,
+      passage_length=LP,
+      width=width,
+      dtype=dtype,
+      fingerprint=fingerprint,
+      codebooks=codebooks,
+      num_residual=r,
+      shard_passages=SHARD,
+  )
   for shard in range(store.num_shards) if shards is None else shards:
     start, stop = store.shard_range(shard)
     store.write_shard(shard, values[start:stop], lengths[start:stop])
@@ -55,8 +66,15 @@ def test_roundtrip_reads_equal_numpy_indexing(tmp_path, case):
   _, values, lengths, codebooks = _write(tmp_path / "store", case)
   store = MemoryStore.open(str(tmp_path / "store"), expected_fingerprint=FINGERPRINT)
   kind, dtype, width, r, _ = CASES[case]
-  assert (store.kind, store.num_passages, store.passage_length, store.width, store.dtype,
-          store.num_residual, store.num_shards) == (kind, N, LP, width, np.dtype(dtype), r, 4)
+  assert (
+      store.kind,
+      store.num_passages,
+      store.passage_length,
+      store.width,
+      store.dtype,
+      store.num_residual,
+      store.num_shards,
+  ) == (kind, N, LP, width, np.dtype(dtype), r, 4)
   assert store.fingerprint == json.loads(json.dumps(FINGERPRINT))
   if codebooks is None:
     assert store.codebooks is None
@@ -91,7 +109,7 @@ def test_roundtrip_reads_equal_numpy_indexing(tmp_path, case):
 
 def test_out_of_range_ids_are_named(tmp_path):
   store, *_ = _write(tmp_path / "store", "codes_uint8")
-  for bad in (N, -2, 10 ** 9):
+  for bad in (N, -2, 10**9):
     with pytest.raises(StoreError, match=f"passage id {bad} is out of range.*num_passages={N}"):
       store.read(np.array([[0, bad]]))
     with pytest.raises(StoreError, match=f"passage id {bad} is out of range"):
@@ -116,8 +134,15 @@ def test_create_resumes_the_same_store_and_refuses_other_settings(tmp_path):
   path = str(tmp_path / "store")
   _, values, lengths, codebooks = _write(path, "codes_uint8", shards=[1], finalize=False)
   kind, dtype, width, r, _ = CASES["codes_uint8"]
-  args = dict(kind=kind, num_passages=N, passage_length=LP, width=width, dtype=dtype,
-              codebooks=codebooks, shard_passages=SHARD)
+  args = dict(
+      kind=kind,
+      num_passages=N,
+      passage_length=LP,
+      width=width,
+      dtype=dtype,
+      codebooks=codebooks,
+      shard_passages=SHARD,
+  )
   again = MemoryStore.create(path, fingerprint=FINGERPRINT, **args)
   assert again.done_shards() == {1}  # Kept: a resumed precompute skips it.
   for shard in (0, 2, 3):
@@ -137,8 +162,9 @@ def test_create_resumes_the_same_store_and_refuses_other_settings(tmp_path):
 def test_fingerprint_mismatch_names_the_field_and_both_values(tmp_path):
   path = str(tmp_path / "store")
   _write(path, "codes_uint8")
-  with pytest.raises(StoreError, match="fingerprint field 'checkpoint_step': store has 1000, "
-                                       "model has 2000"):
+  with pytest.raises(
+      StoreError, match="fingerprint field 'checkpoint_step': store has 1000, " "model has 2000"
+  ):
     MemoryStore.open(path, expected_fingerprint=dict(FINGERPRINT, checkpoint_step=2000))
   # Only the fields the caller gives are compared.
   assert MemoryStore.open(path, expected_fingerprint={"architecture": "lumen_vq"})
@@ -154,16 +180,20 @@ def test_deleted_or_corrupt_shard_file_names_the_shard(tmp_path, case):
   data[10] ^= 0xFF  # Inside the first inner chunk (passage 32) of the shard.
   shard_file.write_bytes(bytes(data))
   store.read([0, 1])  # Other shards still read.
-  with pytest.raises(StoreError, match=r"shard 2 \(passages 32..47, file values/c/2/0/0\) "
-                                       r"cannot be read: .*([Dd]igest|row 32 fails its crc32c)"):
+  with pytest.raises(
+      StoreError,
+      match=r"shard 2 \(passages 32..47, file values/c/2/0/0\) "
+      r"cannot be read: .*([Dd]igest|row 32 fails its crc32c)",
+  ):
     store.read([0, 32])
   with pytest.raises(StoreError, match=r"shard 2 \(passages 32..47, file values/c/2/0/0\) "):
     store.start_read([0, 32]).result()
   os.remove(shard_file)
   with pytest.raises(StoreError, match=r"shard 2 .* cannot be read: .*missing"):
     store.read_range(30, 34)  # Deleted after open: not read as zeros.
-  with pytest.raises(StoreError, match=r"shard 2 \(passages 32..47\) has no file "
-                                       "values/c/2/0/0"):
+  with pytest.raises(
+      StoreError, match=r"shard 2 \(passages 32..47\) has no file " "values/c/2/0/0"
+  ):
     MemoryStore.open(str(path))
   os.remove(path / "lengths" / "c" / "1")
   with pytest.raises(StoreError, match="shard 1 .*has no file lengths/c/1"):
@@ -181,17 +211,25 @@ def test_lengths_are_read_whole_at_open(tmp_path):
   data[0] ^= 0xFF
   lengths_file.write_bytes(bytes(data))
   np.testing.assert_array_equal(store.read([20, -1])[1], [lengths[20], 0])  # Read at open.
-  with pytest.raises(StoreError, match=r"shard 1 \(passages 16..31, file lengths/c/1\) "
-                                       r"cannot be read: .*[Dd]igest"):
+  with pytest.raises(
+      StoreError,
+      match=r"shard 1 \(passages 16..31, file lengths/c/1\) " r"cannot be read: .*[Dd]igest",
+  ):
     MemoryStore.open(str(path))
 
 
 def test_codebooks_that_do_not_fit_the_codes_are_refused(tmp_path):
-  common = dict(kind="codes", num_passages=N, passage_length=LP, fingerprint={},
-                shard_passages=SHARD)
+  common = dict(
+      kind="codes", num_passages=N, passage_length=LP, fingerprint={}, shard_passages=SHARD
+  )
   cases = [  # width, dtype, codebooks shape, R, message
-      (4, np.uint8, (4, 300, 3), 1, "C=300 codes per subspace, which take uint16 codes, but "
-                                    "the codes are uint8"),
+      (
+          4,
+          np.uint8,
+          (4, 300, 3),
+          1,
+          "C=300 codes per subspace, which take uint16 codes, but " "the codes are uint8",
+      ),
       (4, np.uint16, (4, 16, 3), 1, "C=16 .* take uint8 codes, but the codes are uint16"),
       (5, np.uint8, (4, 16, 3), 1, r"shape \(4, 16, 3\) do not match the codes: width 5"),
       (8, np.uint8, (4, 16, 3), 2, r"expected \[R, G, C, s\] for num_residual=2"),
@@ -200,8 +238,14 @@ def test_codebooks_that_do_not_fit_the_codes_are_refused(tmp_path):
   for width, dtype, shape, r, message in cases:
     codebooks = None if shape is None else np.zeros(shape, np.float32)
     with pytest.raises(StoreError, match=message):
-      MemoryStore.create(str(tmp_path / "bad"), width=width, dtype=dtype, codebooks=codebooks,
-                         num_residual=r, **common)
+      MemoryStore.create(
+          str(tmp_path / "bad"),
+          width=width,
+          dtype=dtype,
+          codebooks=codebooks,
+          num_residual=r,
+          **common,
+      )
   # On open: codebooks replaced on disk by ones of another C.
   path = tmp_path / "store"
   _write(path, "codes_uint8")
@@ -214,12 +258,12 @@ def test_codebooks_that_do_not_fit_the_codes_are_refused(tmp_path):
 
 
 def test_write_shard_refuses_wrong_dtype_shape_and_lengths(tmp_path):
-  store, values, lengths, _ = _write(tmp_path / "store", "codes_uint8", shards=[],
-                                     finalize=False)
+  store, values, lengths, _ = _write(tmp_path / "store", "codes_uint8", shards=[], finalize=False)
   with pytest.raises(StoreError, match="shard 0 values are uint16, the store holds uint8"):
     store.write_shard(0, values[:16].astype(np.uint16), lengths[:16])
-  with pytest.raises(StoreError, match=r"shard 3 values of shape \(16, 6, 4\), expected "
-                                       r"\(2, 6, 4\)"):
+  with pytest.raises(
+      StoreError, match=r"shard 3 values of shape \(16, 6, 4\), expected " r"\(2, 6, 4\)"
+  ):
     store.write_shard(3, values[:16], lengths[:16])
   with pytest.raises(StoreError, match=r"shard 0 lengths must be \[16\] in \[0, 6\]"):
     store.write_shard(0, values[:16], lengths[:16] + LP)
@@ -242,12 +286,18 @@ def test_layout_is_zarr3_sharding_indexed_one_file_per_shard(tmp_path):
   _write(tmp_path / "vectors", "vectors_bf16")  # Vectors are compressed, codes are not.
   vectors_meta = json.loads((tmp_path / "vectors" / "values" / "zarr.json").read_text())
   assert [c["name"] for c in vectors_meta["codecs"][0]["configuration"]["codecs"]] == [
-      "bytes", "zstd", "crc32c"]
+      "bytes",
+      "zstd",
+      "crc32c",
+  ]
   lengths_meta = json.loads((path / "lengths" / "zarr.json").read_text())
   assert lengths_meta["codecs"][0]["name"] == "sharding_indexed"
   assert lengths_meta["chunk_grid"]["configuration"]["chunk_shape"] == [SHARD]
-  files = lambda d: sorted(os.path.relpath(os.path.join(r, f), path / d)  # noqa: E731
-                           for r, _, fs in os.walk(path / d) for f in fs)
+  files = lambda d: sorted(
+      os.path.relpath(os.path.join(r, f), path / d)  # noqa: E731
+      for r, _, fs in os.walk(path / d)
+      for f in fs
+  )
   assert files("values") == ["c/0/0/0", "c/1/0/0", "c/2/0/0", "c/3/0/0", "zarr.json"]
   assert files("lengths") == ["c/0", "c/1", "c/2", "c/3", "zarr.json"]
   assert files("done") == ["0", "1", "2", "3"]

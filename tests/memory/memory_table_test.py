@@ -3,6 +3,7 @@ the whole mesh, and gathered inside jit equal to numpy indexing (repeats, -1, ev
 border, N not divisible by the devices; float rows bit for bit) on 1, 8x1 and 4x2 meshes,
 with rows crossing devices as words in only the collectives the mesh needs; ids checked on
 the host."""
+
 import re
 
 import jax
@@ -18,9 +19,16 @@ N, LP, G = 13, 4, 3  # 13 rows over 8 devices: padded to 16, blocks of 2.
 
 def _store(path, values, lengths, kind="codes", codebooks=None):
   store = memory_store.MemoryStore.create(
-      str(path), kind=kind, num_passages=len(values), passage_length=values.shape[1],
-      width=values.shape[-1], dtype=values.dtype, fingerprint={"test": str(path)},
-      codebooks=codebooks, shard_passages=5)
+      str(path),
+      kind=kind,
+      num_passages=len(values),
+      passage_length=values.shape[1],
+      width=values.shape[-1],
+      dtype=values.dtype,
+      fingerprint={"test": str(path)},
+      codebooks=codebooks,
+      shard_passages=5,
+  )
   for shard in range(store.num_shards):
     start, stop = store.shard_range(shard)
     store.write_shard(shard, values[start:stop], lengths[start:stop])
@@ -33,22 +41,27 @@ def codes(tmp_path_factory):
   """A uint16 code store and its rows in numpy."""
   rng = np.random.default_rng(0)
   lengths = rng.integers(1, LP + 1, N).astype(np.int32)
-  values = rng.integers(1, 2 ** 16, (N, LP, G)).astype(np.uint16)
+  values = rng.integers(1, 2**16, (N, LP, G)).astype(np.uint16)
   values[np.arange(LP) >= lengths[:, None]] = 0  # Padding positions hold no code.
-  codebooks = rng.normal(size=(G, 2 ** 16, 2)).astype(np.float32)
-  return _store(tmp_path_factory.mktemp("codes") / "store", values, lengths,
-                codebooks=codebooks), values, lengths
+  codebooks = rng.normal(size=(G, 2**16, 2)).astype(np.float32)
+  return (
+      _store(tmp_path_factory.mktemp("codes") / "store", values, lengths, codebooks=codebooks),
+      values,
+      lengths,
+  )
 
 
 def _mesh(shape):
-  return partitioning.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+  return partitioning.make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
 
 
 def _expected(values, lengths, ids):
   present = ids >= 0
   rows = values[np.maximum(ids, 0)]
-  return (np.where(present.reshape(present.shape + (1,) * (rows.ndim - ids.ndim)), rows, 0),
-          np.where(present, lengths[np.maximum(ids, 0)], 0))
+  return (
+      np.where(present.reshape(present.shape + (1,) * (rows.ndim - ids.ndim)), rows, 0),
+      np.where(present, lengths[np.maximum(ids, 0)], 0),
+  )
 
 
 def _gather(table, ids):
@@ -59,8 +72,9 @@ def _gather(table, ids):
 def _border_ids(table, rng, batch):
   """Every block's first and last row (those past N as -1), repeats, -1 and random ids."""
   block = table.values.sharding.shard_shape(table.values.shape)[0]
-  borders = [i for start in range(0, table.values.shape[0], block)
-             for i in (start, start + block - 1)]
+  borders = [
+      i for start in range(0, table.values.shape[0], block) for i in (start, start + block - 1)
+  ]
   ids = [i if i < N else -1 for i in borders] + [5, 5, -1, 0, N - 1]
   width = -(-len(ids) // batch) + 2
   ids += list(rng.integers(-1, N, batch * width - len(ids)))
@@ -147,16 +161,18 @@ def test_bfloat16_vectors_gather_bit_for_bit(tmp_path, width):
   np.testing.assert_array_equal(got_lengths, want_lengths)
 
 
-@pytest.mark.parametrize("shape,collectives", [
-    ((8, 1), ["reduce-scatter s32", "reduce-scatter u32"]),  # None over the size-1 axis.
-    ((4, 2), ["all-reduce s32", "all-reduce u32", "reduce-scatter s32", "reduce-scatter u32"]),
-    ((1, 1), [])])  # One device: no collective, not even a trivial one.
-def test_rows_cross_devices_as_words_in_the_collectives_the_mesh_needs(codes, shape,
-                                                                       collectives):
+@pytest.mark.parametrize(
+    "shape,collectives",
+    [
+        ((8, 1), ["reduce-scatter s32", "reduce-scatter u32"]),  # None over the size-1 axis.
+        ((4, 2), ["all-reduce s32", "all-reduce u32", "reduce-scatter s32", "reduce-scatter u32"]),
+        ((1, 1), []),
+    ],
+)  # One device: no collective, not even a trivial one.
+def test_rows_cross_devices_as_words_in_the_collectives_the_mesh_needs(codes, shape, collectives):
   table = memory_table.load(codes[0], _mesh(shape), RULES)
   ids = np.zeros((8, 2), np.int32)
   with jax.set_mesh(table.mesh):
     hlo = jax.jit(memory_table.gather).lower(table, ids).compile().as_text()
-  found = re.findall(r"= (\w+)\[[^=]*? (all-reduce|reduce-scatter|all-gather|all-to-all)\(",
-                     hlo)
+  found = re.findall(r"= (\w+)\[[^=]*? (all-reduce|reduce-scatter|all-gather|all-to-all)\(", hlo)
   assert sorted(f"{op} {dtype}" for dtype, op in found) == collectives

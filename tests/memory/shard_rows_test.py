@@ -2,6 +2,7 @@
 tensorstore's reads of the same store; the layouts it does not know are left to tensorstore;
 a corrupt chunk or index, a chunk missing from the index, a truncated or deleted file each
 name the file and the row."""
+
 import json
 
 import google_crc32c
@@ -21,8 +22,9 @@ def gather(request, monkeypatch, cxx_compiler):
   if request.param == "numpy":
     monkeypatch.setattr(shard_rows, "_NATIVE", None)
   elif shard_rows._NATIVE is None:
-    assert cxx_compiler is None, (
-        "a C++ compiler is here but lumenvq.memory._gather_rows was not built")
+    assert (
+        cxx_compiler is None
+    ), "a C++ compiler is here but lumenvq.memory._gather_rows was not built"
     pytest.skip("no C++ compiler: lumenvq.memory._gather_rows is not built")
 
 
@@ -35,9 +37,17 @@ def _store(path, dtype="uint16", width=4, kind="codes", seed=0):
   else:
     codebooks, values = None, rng.standard_normal((N, LP, width)).astype(dtype)
   values[5] = 0  # A row equal to the fill value is still a chunk of its own.
-  store = MemoryStore.create(str(path), kind=kind, num_passages=N, passage_length=LP,
-                             width=width, dtype=dtype, fingerprint={}, codebooks=codebooks,
-                             shard_passages=SHARD)
+  store = MemoryStore.create(
+      str(path),
+      kind=kind,
+      num_passages=N,
+      passage_length=LP,
+      width=width,
+      dtype=dtype,
+      fingerprint={},
+      codebooks=codebooks,
+      shard_passages=SHARD,
+  )
   for shard in range(store.num_shards):
     start, stop = store.shard_range(shard)
     store.write_shard(shard, values[start:stop], np.full(stop - start, LP))
@@ -47,8 +57,9 @@ def _store(path, dtype="uint16", width=4, kind="codes", seed=0):
 
 def _reader(path) -> ShardRowReader:
   values_dir = path / "values"
-  return ShardRowReader.for_zarr_array(str(values_dir),
-                                       json.loads((values_dir / "zarr.json").read_text()))
+  return ShardRowReader.for_zarr_array(
+      str(values_dir), json.loads((values_dir / "zarr.json").read_text())
+  )
 
 
 @pytest.mark.parametrize("dtype,width", [("uint8", 4), ("uint16", 6)])
@@ -57,8 +68,12 @@ def test_rows_equal_the_written_values_and_tensorstore(tmp_path, dtype, width):
   reader = _reader(tmp_path)
   rng = np.random.default_rng(1)
   borders = [0, 5, 7, 8, 15, 16, 39, 40, 44]
-  for rows in [np.arange(N), np.array(borders), rng.integers(0, N, 30),  # Repeats, any order.
-               np.array([], np.int64)]:
+  for rows in [
+      np.arange(N),
+      np.array(borders),
+      rng.integers(0, N, 30),  # Repeats, any order.
+      np.array([], np.int64),
+  ]:
     got = reader.read(rows)
     assert got.dtype == np.dtype(dtype) and got.shape == (len(rows), LP, width)
     np.testing.assert_array_equal(got, values[rows])
@@ -83,7 +98,8 @@ def test_layouts_it_does_not_know_are_left_to_tensorstore(tmp_path):
       lambda m: m["codecs"][0]["configuration"].update(index_location="start"),
       lambda m: m["codecs"][0]["configuration"]["chunk_shape"].__setitem__(0, 2),
       lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(
-          configuration={"endian": "big"}),
+          configuration={"endian": "big"}
+      ),
       lambda m: m["codecs"][0]["configuration"]["codecs"].pop(),  # No checksums.
       lambda m: m.update(codecs=[{"name": "bytes"}]),  # Not sharded.
   ]
@@ -101,12 +117,11 @@ def _rewrite_index(shard_file, change):
   """Rewrites a shard file's index with `change(table)` applied, and its checksum."""
   data = bytearray(shard_file.read_bytes())
   index_bytes = SHARD * 16
-  table = np.frombuffer(bytes(data[-index_bytes - 4:-4]), "<u8").reshape(SHARD, 2).copy()
+  table = np.frombuffer(bytes(data[-index_bytes - 4 : -4]), "<u8").reshape(SHARD, 2).copy()
   chunks = change(table, data)
   raw = table.astype("<u8").tobytes()
-  body = data[:-index_bytes - 4] if chunks is None else chunks
-  shard_file.write_bytes(bytes(body) + raw +
-                         google_crc32c.value(raw).to_bytes(4, "little"))
+  body = data[: -index_bytes - 4] if chunks is None else chunks
+  shard_file.write_bytes(bytes(body) + raw + google_crc32c.value(raw).to_bytes(4, "little"))
 
 
 def test_chunks_in_another_order_read_the_same(tmp_path):
@@ -114,7 +129,7 @@ def test_chunks_in_another_order_read_the_same(tmp_path):
   chunk = LP * 4 * 2 + 4
 
   def reverse(table, data):  # Chunks written back to front, the index updated to match.
-    body = b"".join(bytes(data[o:o + chunk]) for o in table[::-1, 0].tolist())
+    body = b"".join(bytes(data[o : o + chunk]) for o in table[::-1, 0].tolist())
     table[:, 0] = np.arange(SHARD)[::-1] * chunk
     return body
 
@@ -123,7 +138,7 @@ def test_chunks_in_another_order_read_the_same(tmp_path):
 
   def shift(table, data):  # 3 bytes of padding first: offsets not a multiple of a chunk.
     table[:, 0] += 3
-    return b"pad" + bytes(data[:-SHARD * 16 - 4])
+    return b"pad" + bytes(data[: -SHARD * 16 - 4])
 
   _rewrite_index(_shard_file(tmp_path, 2), shift)
   reader = _reader(tmp_path)

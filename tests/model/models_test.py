@@ -1,4 +1,5 @@
 """EncoderDecoderModel: the feature converter, the per-token loss and prediction."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,29 +9,41 @@ import pytest
 from lumenvq.model import decoding, losses, models
 from lumenvq.model.network_config import T5Config
 
-CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0,
-                  dtype="float32")
+CONFIG = T5Config(
+    vocab_size=64,
+    emb_dim=32,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    dtype="float32",
+)
 LENGTHS = {"inputs": 6, "targets": 5}
 
 
 def _batch():
-  examples = [{"inputs": [5, 6, 7, 1], "targets": [9, 8, 1]},
-              {"inputs": [4, 1], "targets": [3, 3, 3, 3, 1]},
-              None]
+  examples = [
+      {"inputs": [5, 6, 7, 1], "targets": [9, 8, 1]},
+      {"inputs": [4, 1], "targets": [3, 3, 3, 3, 1]},
+      None,
+  ]
   return models.EncDecFeatureConverter(LENGTHS)(examples)
 
 
 def test_converter_pads_and_shifts_targets_right():
   batch = _batch()
-  np.testing.assert_array_equal(batch["encoder_input_tokens"],
-                                [[5, 6, 7, 1, 0, 0], [4, 1, 0, 0, 0, 0], [0] * 6])
-  np.testing.assert_array_equal(batch["decoder_target_tokens"],
-                                [[9, 8, 1, 0, 0], [3, 3, 3, 3, 1], [0] * 5])
-  np.testing.assert_array_equal(batch["decoder_input_tokens"],
-                                [[0, 9, 8, 1, 0], [0, 3, 3, 3, 3], [0] * 5])
-  np.testing.assert_array_equal(batch["decoder_loss_weights"],
-                                [[1, 1, 1, 0, 0], [1] * 5, [0] * 5])
+  np.testing.assert_array_equal(
+      batch["encoder_input_tokens"], [[5, 6, 7, 1, 0, 0], [4, 1, 0, 0, 0, 0], [0] * 6]
+  )
+  np.testing.assert_array_equal(
+      batch["decoder_target_tokens"], [[9, 8, 1, 0, 0], [3, 3, 3, 3, 1], [0] * 5]
+  )
+  np.testing.assert_array_equal(
+      batch["decoder_input_tokens"], [[0, 9, 8, 1, 0], [0, 3, 3, 3, 3], [0] * 5]
+  )
+  np.testing.assert_array_equal(batch["decoder_loss_weights"], [[1, 1, 1, 0, 0], [1] * 5, [0] * 5])
 
 
 def test_converter_rejects_overlong_features():
@@ -43,11 +56,19 @@ def _loss_and_reference(batch):
   model = models.EncoderDecoderModel(CONFIG, label_smoothing=0.1, z_loss=1e-3)
   params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0))["params"])
   loss, (sums, _) = model.loss_fn(params, batch, None)
-  logits = model.module.apply({"params": params}, batch["encoder_input_tokens"],
-                              batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+  logits = model.module.apply(
+      {"params": params},
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"],
+  )
   ref = losses.cross_entropy_with_logits(
-      logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-      label_smoothing=0.1, z_loss=1e-3)
+      logits,
+      batch["decoder_target_tokens"],
+      batch["decoder_loss_weights"],
+      label_smoothing=0.1,
+      z_loss=1e-3,
+  )
   return loss, sums, logits, ref
 
 
@@ -56,8 +77,9 @@ def test_loss_is_summed_per_target_token_with_smoothing_and_z_loss():
   loss, sums, logits, (ref, ref_z, weight) = _loss_and_reference(batch)
   assert float(sums["weight"]) == 8.0 == float(weight)
   np.testing.assert_allclose([loss, sums["z_loss"]], [ref, ref_z], rtol=1e-6)
-  correct = np.sum((np.argmax(logits, -1) == batch["decoder_target_tokens"]) *
-                   batch["decoder_loss_weights"])
+  correct = np.sum(
+      (np.argmax(logits, -1) == batch["decoder_target_tokens"]) * batch["decoder_loss_weights"]
+  )
   assert float(sums["correct"]) == correct
   assert float(sums["tokens"]) == 8 + 6  # Non-padding target and input tokens.
 

@@ -2,6 +2,7 @@
 model state (moved by train steps only, checkpointed, restored onto another mesh, never
 seen by the optimizer), the frozen memory encoder, every architecture's train step,
 prediction, and the gin files that pick the model."""
+
 import functools
 import os
 
@@ -17,9 +18,17 @@ from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
 from lumenvq.training import checkpoints, input_pipeline, optimizers, partitioning, trainer
 
-CONFIG = T5Config(vocab_size=264, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=2, num_decoder_layers=1, dropout_rate=0.0,
-                  dtype="float32")
+CONFIG = T5Config(
+    vocab_size=264,
+    emb_dim=32,
+    num_heads=4,
+    head_dim=8,
+    mlp_dim=64,
+    num_encoder_layers=2,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    dtype="float32",
+)
 LENGTHS = {"inputs": 8, "targets": 8}
 K, LP, BATCH = 3, 8, 8
 RULES = partitioning.standard_logical_axis_rules()
@@ -28,23 +37,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _model(arch, **overrides):
-  reader = dict(architecture=arch, num_passages=K, passage_length=LP, codebook_size=16,
-                subspace_dim=8, ema_decay=0.9, light_length=LP // 2)
+  reader = dict(
+      architecture=arch,
+      num_passages=K,
+      passage_length=LP,
+      codebook_size=16,
+      subspace_dim=8,
+      ema_decay=0.9,
+      light_length=LP // 2,
+  )
   return reader_models.ReaderModel(CONFIG, ReaderConfig(**{**reader, **overrides}))
 
 
 def _trainer(model, mesh_shape=(8, 1), optimizer=True, **kwargs):
-  opt = optimizers.make_optimizer(schedule=optimizers.constant_schedule(0.01)) \
-      if optimizer else None
-  mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[:np.prod(mesh_shape)])
+  opt = (
+      optimizers.make_optimizer(schedule=optimizers.constant_schedule(0.01)) if optimizer else None
+  )
+  mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[: np.prod(mesh_shape)])
   return trainer.Trainer(model, opt, mesh, RULES, compiler_options=FAST_COMPILE, **kwargs)
 
 
 def _batch(model, mesh, index=0):
   source = passage_copy_task.PassageCopySource("lumenvq_debug_passage_copy", LENGTHS)
   layout = input_pipeline.data_layout(mesh, BATCH)
-  stream = input_pipeline.train_batches(source, model.feature_converter(LENGTHS), layout,
-                                        index)
+  stream = input_pipeline.train_batches(source, model.feature_converter(LENGTHS), layout, index)
   return input_pipeline.to_global(next(stream), mesh, BATCH)
 
 
@@ -71,10 +87,14 @@ def test_converter_cuts_pads_and_keeps_the_t5_features():
   long = np.arange(10, 10 + LP + 3)
   examples = [
       {"inputs": [5, 1], "targets": [7, 8, 1], "passage_tokens": [long, [], [4, 4, 1]]},
-      {"inputs": [6, 1], "targets": [9, 1],
-       "passage_tokens": np.array([[3, 3, 1, 0], [0, 0, 0, 0], [2, 1, 0, 0], [8, 1, 0, 0]])},
+      {
+          "inputs": [6, 1],
+          "targets": [9, 1],
+          "passage_tokens": np.array([[3, 3, 1, 0], [0, 0, 0, 0], [2, 1, 0, 0], [8, 1, 0, 0]]),
+      },
       {"inputs": [6, 6, 1], "targets": [1], "passage_tokens": [[2, 1]]},
-      None]
+      None,
+  ]
   batch = reader_models.ReaderFeatureConverter(LENGTHS, K, LP)(examples)
   assert set(batch) == set(reader_models.ReaderFeatureConverter.FEATURES)
   assert batch["passage_tokens"].shape == (4, K, LP)
@@ -83,8 +103,9 @@ def test_converter_cuts_pads_and_keeps_the_t5_features():
   np.testing.assert_array_equal(batch["passage_tokens"][0, 1], 0)  # Empty: absent.
   np.testing.assert_array_equal(batch["passage_tokens"][0, 2], [4, 4, 1, 0, 0, 0, 0, 0])
   # A [K', L] array: the all-zero row stays absent; passages beyond K are dropped.
-  np.testing.assert_array_equal(batch["passage_tokens"][1, :, :4],
-                                [[3, 3, 1, 0], [0, 0, 0, 0], [2, 1, 0, 0]])
+  np.testing.assert_array_equal(
+      batch["passage_tokens"][1, :, :4], [[3, 3, 1, 0], [0, 0, 0, 0], [2, 1, 0, 0]]
+  )
   np.testing.assert_array_equal(batch["passage_tokens"][2, 1:], 0)  # Missing: zeros.
   np.testing.assert_array_equal(batch["passage_tokens"][3], 0)  # Padding row.
   plain = models.EncDecFeatureConverter(LENGTHS)(examples)
@@ -113,9 +134,12 @@ def test_debug_source_answers_from_the_first_passage():
     others = [source.decode(p).split()[0] for p in ex["passage_tokens"][1:]]
     assert key not in others  # Only the first passage answers the question.
   assert max(len(p) for ex in examples for p in ex["passage_tokens"]) > LP  # Cut by Lp.
-  assert input_pipeline.get_source("lumenvq_debug_passage_copy", LENGTHS,
-                                   backend="numpy").example("train", 3)["targets_pretokenized"] \
+  assert (
+      input_pipeline.get_source("lumenvq_debug_passage_copy", LENGTHS, backend="numpy").example(
+          "train", 3
+      )["targets_pretokenized"]
       == passage_copy_task.text_example("train", 3)["targets"]
+  )
   with pytest.raises(ValueError, match=r"PassageCopySource serves only the debug tasks"):
     passage_copy_task.PassageCopySource("lumenvq_debug_copy", LENGTHS)
 
@@ -148,8 +172,9 @@ def test_lumen_vq_steps_move_codebooks_and_lower_the_loss(vq):
     error = m["quantizer/relative_reconstruction_error"] / m["weight"]
     assert 0 < usage <= 1 and 1 < perplexity <= 16 and 0 < error < 1, m
   # The optimizer keeps state for parameters only: nothing of the quantizer collection.
-  opt_paths = {jax.tree_util.keystr(p) for p, _ in
-               jax.tree_util.tree_leaves_with_path(states[-1].opt_state)}
+  opt_paths = {
+      jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(states[-1].opt_state)
+  }
   assert opt_paths and not any("codebooks" in p or "ema_" in p for p in opt_paths)
 
 
@@ -163,8 +188,9 @@ def test_eval_and_predict_read_but_never_move_the_codebooks(vq):
   assert tokens.min() >= 0 and tokens.max() < CONFIG.vocab_size
   assert float(sums["weight"]) == float(np.sum(np.asarray(batch["decoder_loss_weights"])))
   # Eval reads the codebooks: the first step's codebooks give another loss.
-  earlier = state.replace(model_state=jax.device_put(states[1].model_state,
-                                                     t.state_shardings.model_state))
+  earlier = state.replace(
+      model_state=jax.device_put(states[1].model_state, t.state_shardings.model_state)
+  )
   assert float(t.eval_step(earlier, batch)["loss"]) != pytest.approx(float(sums["loss"]))
   with pytest.raises(ValueError, match=r"needs the model state collections \['quantizer'\]"):
     t.model.eval_fn(state.params, batch)
@@ -192,7 +218,8 @@ def test_checkpoint_restores_codebooks_exactly_onto_another_mesh(vq, tmp_path):
   assert step == 4 and loaded.opt_state is None
   _assert_equal(loaded.model_state, state.model_state)
   from_params_dir, _ = checkpoints.load_state(
-      inference.abstract_state(), params_path=str(tmp_path / "checkpoints" / "4" / "params"))
+      inference.abstract_state(), params_path=str(tmp_path / "checkpoints" / "4" / "params")
+  )
   _assert_equal(from_params_dir.model_state, state.model_state)
 
 
@@ -201,14 +228,18 @@ def test_a_checkpoint_without_codebooks_does_not_restore_into_lumen_vq(vq, tmp_p
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(1, state.replace(model_state={}))  # What a LUMEN run writes.
   ckpt.wait()
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r"checkpoints/1 has no model_state item: .*\['quantizer'\]"):
+  with pytest.raises(
+      checkpoints.CheckpointError, match=r"checkpoints/1 has no model_state item: .*\['quantizer'\]"
+  ):
     ckpt.restore(t.abstract_state())
   ckpt.close()
-  with pytest.raises(checkpoints.CheckpointError, match=r"CHECKPOINT_PATH=.* holds parameters "
-                                                        r"only.*\['quantizer'\]"):
-    checkpoints.load_state(t.abstract_state(),
-                           params_path=str(tmp_path / "checkpoints" / "1" / "params"))
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r"CHECKPOINT_PATH=.* holds parameters " r"only.*\['quantizer'\]",
+  ):
+    checkpoints.load_state(
+        t.abstract_state(), params_path=str(tmp_path / "checkpoints" / "1" / "params")
+    )
 
 
 def test_microbatches_pass_the_codebooks_on_in_order():
@@ -234,12 +265,16 @@ def test_freeze_memory_encoder_keeps_its_layers_bit_identical():
   _, states, metrics = _train(t, _batch(model, t.mesh), 2)
   first, last = states[0].params, states[-1].params
   _assert_equal(last["encoder"]["layers_0"], first["encoder"]["layers_0"])
-  assert not np.array_equal(last["encoder"]["layers_1"]["mlp"]["wo"]["kernel"],
-                            first["encoder"]["layers_1"]["mlp"]["wo"]["kernel"])
-  assert not np.array_equal(last["decoder"]["logits_dense"]["kernel"],
-                            first["decoder"]["logits_dense"]["kernel"])
-  assert not np.array_equal(last["token_embedder"]["embedding"],
-                            first["token_embedder"]["embedding"])
+  assert not np.array_equal(
+      last["encoder"]["layers_1"]["mlp"]["wo"]["kernel"],
+      first["encoder"]["layers_1"]["mlp"]["wo"]["kernel"],
+  )
+  assert not np.array_equal(
+      last["decoder"]["logits_dense"]["kernel"], first["decoder"]["logits_dense"]["kernel"]
+  )
+  assert not np.array_equal(
+      last["token_embedder"]["embedding"], first["token_embedder"]["embedding"]
+  )
   assert all(m["finite"] for m in metrics) and states[-1].model_state == {}
 
 
@@ -250,8 +285,10 @@ def test_train_step_runs_without_model_state(arch):
   _, states, metrics = _train(t, _batch(model, t.mesh), 1)
   assert t.model.model_state_collections() == () and states[-1].model_state == {}
   assert metrics[0]["finite"] and not any(k.startswith("quantizer/") for k in metrics[0])
-  assert not np.array_equal(states[-1].params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
-                            states[0].params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])
+  assert not np.array_equal(
+      states[-1].params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+      states[0].params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"],
+  )
 
 
 def _parse(run, *files, bindings=()):
@@ -259,8 +296,9 @@ def _parse(run, *files, bindings=()):
   with gin.unlock_config():
     gin.clear_config()
   gin.add_config_file_search_path(REPO)
-  gin.parse_config_files_and_bindings([os.path.join(REPO, f) for f in files], list(bindings),
-                                      finalize_config=False)  # MODEL_DIR stays unset.
+  gin.parse_config_files_and_bindings(
+      [os.path.join(REPO, f) for f in files], list(bindings), finalize_config=False
+  )  # MODEL_DIR stays unset.
   return gin.query_parameter(f"{run}.model").scoped_configurable_fn()
 
 
@@ -268,17 +306,29 @@ def _parse(run, *files, bindings=()):
 def test_architecture_gin_files_choose_the_model_for_every_run(arch):
   try:
     # The run file may come first or last; the architecture file follows the size file.
-    for files in [("gin_configs/runs/train.gin", "gin_configs/models/tiny.gin",
-                   f"gin_configs/architectures/{arch}.gin"),
-                  ("gin_configs/models/tiny.gin", f"gin_configs/architectures/{arch}.gin",
-                   "gin_configs/debug/tiny_reader_train.gin")]:
+    for files in [
+        (
+            "gin_configs/runs/train.gin",
+            "gin_configs/models/tiny.gin",
+            f"gin_configs/architectures/{arch}.gin",
+        ),
+        (
+            "gin_configs/models/tiny.gin",
+            f"gin_configs/architectures/{arch}.gin",
+            "gin_configs/debug/tiny_reader_train.gin",
+        ),
+    ]:
       model = _parse("train", *files, bindings=["EncoderDecoderModel.z_loss = 0.5"])
       assert type(model) is reader_models.ReaderModel
       assert model.reader.architecture == arch and model.config.emb_dim == 64
       assert model.z_loss == 0.5  # The run file's EncoderDecoderModel settings apply.
     assert model.reader.passage_length == 16 and model.config.vocab_size == 264
-    evaluated = _parse("evaluate", "gin_configs/runs/eval.gin", "gin_configs/models/tiny.gin",
-                       f"gin_configs/architectures/{arch}.gin")
+    evaluated = _parse(
+        "evaluate",
+        "gin_configs/runs/eval.gin",
+        "gin_configs/models/tiny.gin",
+        f"gin_configs/architectures/{arch}.gin",
+    )
     assert type(evaluated) is reader_models.ReaderModel
     assert evaluated.reader.architecture == arch and evaluated.reader.passage_length == 256
     plain = _parse("evaluate", "gin_configs/runs/eval.gin", "gin_configs/debug/tiny_task.gin")

@@ -1,4 +1,5 @@
 """Tests for lumenvq.quant.pq_codec: round trips, brute-force agreement, ties, layouts, errors, FAISS."""
+
 import faiss
 import jax
 import numpy as np
@@ -50,8 +51,10 @@ def test_round_trip_uint16_chunked():
   np.testing.assert_array_equal(back, codes)
   # Chunking never changes the answer on generic vectors either.
   y = _random((64, 8), 4)
-  np.testing.assert_array_equal(pq_codec.encode(y, codebooks, chunk_size=1000),
-                                pq_codec.encode(y, codebooks, chunk_size=65536))
+  np.testing.assert_array_equal(
+      pq_codec.encode(y, codebooks, chunk_size=1000),
+      pq_codec.encode(y, codebooks, chunk_size=65536),
+  )
 
 
 @pytest.mark.parametrize("chunk_size", [7, 64, 4096])
@@ -97,10 +100,13 @@ def test_residual_layout_and_error_drops():
 def test_decode_under_jit_matches_eager(size):
   codebooks = _random((4, size, 8), 10)
   codes = np.random.default_rng(11).integers(0, size, (1000, 4)).astype(pq_codec.code_dtype(size))
-  np.testing.assert_array_equal(jax.jit(pq_codec.decode)(codes, codebooks),
-                                pq_codec.decode(codes, codebooks))
-  np.testing.assert_array_equal(pq_codec.decode(codes, codebooks).reshape(1000, 4, 8),
-                                np.asarray(codebooks)[np.arange(4), codes])
+  np.testing.assert_array_equal(
+      jax.jit(pq_codec.decode)(codes, codebooks), pq_codec.decode(codes, codebooks)
+  )
+  np.testing.assert_array_equal(
+      pq_codec.decode(codes, codebooks).reshape(1000, 4, 8),
+      np.asarray(codebooks)[np.arange(4), codes],
+  )
   # Inside jit codes cannot be checked: an out-of-range code decodes to NaNs, its
   # neighbours in the same vector and other vectors stay exact.
   codes = np.array([[1, 2, 3, 4], [5, 6, size + 44, 7]], np.uint16)
@@ -149,8 +155,9 @@ def test_faiss_cross_check_trained_8bit():
   ours = pq_codec.encode(x, codebooks)
   assert ours.dtype == np.uint8
   _assert_same_codes(ours, theirs, x, codebooks)
-  np.testing.assert_allclose(pq_codec.decode(theirs, codebooks), pq.decode(theirs),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      pq_codec.decode(theirs, codebooks), pq.decode(theirs), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_faiss_cross_check_16bit_layout():
@@ -163,5 +170,6 @@ def test_faiss_cross_check_16bit_layout():
   ours = pq_codec.encode(x, codebooks, chunk_size=8192)
   assert ours.dtype == np.uint16
   _assert_same_codes(ours, theirs, x, codebooks)
-  np.testing.assert_allclose(pq_codec.decode(theirs, codebooks),
-                             pq.decode(theirs.view(np.uint8)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      pq_codec.decode(theirs, codebooks), pq.decode(theirs.view(np.uint8)), rtol=1e-6, atol=1e-6
+  )

@@ -2,6 +2,7 @@
 gather bit for bit, its rows split over threads (NaN for an out-of-range code); sharded over
 the rows it runs on each device's rows with no collective; under shard_map and jax.grad it
 composes like the gather."""
+
 import os
 import re
 
@@ -40,9 +41,17 @@ def threads(request, monkeypatch):
   monkeypatch.setattr(pq_decode_cpu, "threads_per_device", lambda devices: request.param)
 
 
-@pytest.mark.parametrize("g,c,s,dtype", [(4, 256, 8, np.uint8), (3, 1000, 2, np.uint16),
-                                         (2, 300, 12, np.int32), (5, 17, 4, np.uint8),
-                                         (2, 65536, 16, np.uint16), (1, 3, 32, np.int32)])
+@pytest.mark.parametrize(
+    "g,c,s,dtype",
+    [
+        (4, 256, 8, np.uint8),
+        (3, 1000, 2, np.uint16),
+        (2, 300, 12, np.int32),
+        (5, 17, 4, np.uint8),
+        (2, 65536, 16, np.uint16),
+        (1, 3, 32, np.int32),
+    ],
+)
 def test_kernel_equals_the_gather(g, c, s, dtype, threads):
   # 3,000 rows: several blocks of rows, shared by the threads.
   rows, codebooks = _case(np.random.default_rng(g * s), 3000, g, c, s, dtype)
@@ -60,7 +69,7 @@ def test_many_blocks_with_bad_codes_equal_the_gather(s, threads):
   got = np.asarray(_decode(rows, codebooks))
   want = np.asarray(pq_codec._gather_rows(jnp.asarray(rows), codebooks))
   np.testing.assert_array_equal(got, want)
-  assert np.isnan(got[::1001, s:2 * s]).all()
+  assert np.isnan(got[::1001, s : 2 * s]).all()
 
 
 def test_out_of_range_codes_give_nan_subvectors():
@@ -68,8 +77,9 @@ def test_out_of_range_codes_give_nan_subvectors():
   rows = np.array([[0, 3], [4, 1], [-1, 2]], np.int32)
   got = np.asarray(_decode(rows, codebooks))
   np.testing.assert_array_equal(np.isnan(got), np.repeat([[0, 0], [1, 0], [1, 0]], 3, axis=1))
-  np.testing.assert_array_equal(np.isnan(got),
-                                np.isnan(pq_codec._gather_rows(jnp.asarray(rows), codebooks)))
+  np.testing.assert_array_equal(
+      np.isnan(got), np.isnan(pq_codec._gather_rows(jnp.asarray(rows), codebooks))
+  )
 
 
 def test_sharded_rows_decode_on_their_devices():
@@ -77,16 +87,19 @@ def test_sharded_rows_decode_on_their_devices():
   codes, codebooks = _case(np.random.default_rng(0), 64 * 3, 4, 256, 8, np.uint8)
   codes = codes.reshape(64, 3, 4)
   decode = jax.jit(pq_codec.decode)
-  args = (jax.device_put(codes, NamedSharding(mesh, P("data"))),
-          jax.device_put(codebooks, NamedSharding(mesh, P())))
+  args = (
+      jax.device_put(codes, NamedSharding(mesh, P("data"))),
+      jax.device_put(codebooks, NamedSharding(mesh, P())),
+  )
   hlo = decode.lower(*args).compile().as_text()
   assert pq_decode_cpu.TARGET in hlo
   for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
     assert collective not in hlo
   out = decode(*args)
   assert out.sharding.spec[0] == "data"
-  np.testing.assert_array_equal(out, pq_codec._gather_rows(
-      jnp.asarray(codes.reshape(-1, 4)), codebooks).reshape(64, 3, 32))
+  np.testing.assert_array_equal(
+      out, pq_codec._gather_rows(jnp.asarray(codes.reshape(-1, 4)), codebooks).reshape(64, 3, 32)
+  )
 
 
 def test_under_shard_map_and_grad_like_the_gather():
@@ -100,8 +113,7 @@ def test_under_shard_map_and_grad_like_the_gather():
   gathered = (pq_codec._gather_rows(jnp.asarray(codes), codebooks) ** 2).sum()
   np.testing.assert_allclose(mapped(codes, codebooks), gathered, rtol=1e-5)
   grad = jax.grad(lambda cb: (pq_codec.decode(codes, cb) ** 2).sum())(codebooks)
-  want = jax.grad(lambda cb: (pq_codec._gather_rows(jnp.asarray(codes), cb) ** 2).sum())(
-      codebooks)
+  want = jax.grad(lambda cb: (pq_codec._gather_rows(jnp.asarray(codes), cb) ** 2).sum())(codebooks)
   np.testing.assert_allclose(grad, want)
 
 
@@ -122,8 +134,9 @@ def test_each_cpu_device_gets_its_share_of_the_cores():
     assert threads(pq_decode_cpu.decode_rows, rows, books) == {cores}
   sharded = jax.device_put(rows, NamedSharding(mesh, P("data")))
   assert threads(pq_decode_cpu.decode_rows, sharded, books) == {max(1, cores // 8)}
-  mapped = jax.shard_map(pq_decode_cpu.decode_rows, mesh=mesh, in_specs=(P("data"), P()),
-                         out_specs=P("data"))
+  mapped = jax.shard_map(
+      pq_decode_cpu.decode_rows, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data")
+  )
   assert threads(mapped, rows, books) == {max(1, cores // 8)}
 
 

@@ -1,4 +1,5 @@
 """Tests for lumenvq.quant.pq_init: k-means++ seeding picks batch rows, by D^2, deterministically."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,7 @@ def test_kmeans_pp_d2_sampling_covers_separated_clusters():
   centers = _random((8, 1, 2), 3, scale=100.0)
   xs = (centers[:, None] + _random((8, 50, 1, 2), 4, scale=0.01)).reshape(400, 1, 2)
   for seed in range(3):
-    got = np.asarray(_kmeans_pp(xs, jnp.ones(400), 8, jax.random.key(seed),
-                                               rounds=8))[0]
+    got = np.asarray(_kmeans_pp(xs, jnp.ones(400), 8, jax.random.key(seed), rounds=8))[0]
     nearest = np.argmin(((got[:, None] - centers[None, :, 0]) ** 2).sum(-1), axis=1)
     assert sorted(nearest) == list(range(8))
 

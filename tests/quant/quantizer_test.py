@@ -1,4 +1,5 @@
 """Tests for lumenvq.quant.quantizer: variables, EMA closed form, resets, gradients, sharding."""
+
 import functools
 
 import flax.linen as nn
@@ -9,8 +10,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lumenvq.quant import pq_codec
-from lumenvq.quant.quantizer import (COUNT_AXES, CODEBOOK_AXES, QUANTIZER_COLLECTION,
-                               ProductQuantizer, export_codebooks)
+from lumenvq.quant.quantizer import (
+    COUNT_AXES,
+    CODEBOOK_AXES,
+    QUANTIZER_COLLECTION,
+    ProductQuantizer,
+    export_codebooks,
+)
 
 
 def _random(shape, seed, scale=1.0):
@@ -19,8 +25,13 @@ def _random(shape, seed, scale=1.0):
 
 def _step_fn(model, variables, x, seed, mask=None):
   (out, metrics), updated = model.apply(
-      variables, x, train=True, mask=mask, mutable=[QUANTIZER_COLLECTION],
-      rngs={"quantizer": jax.random.key(seed)})
+      variables,
+      x,
+      train=True,
+      mask=mask,
+      mutable=[QUANTIZER_COLLECTION],
+      rngs={"quantizer": jax.random.key(seed)},
+  )
   return out, metrics, updated
 
 
@@ -83,8 +94,14 @@ def _ema_numpy(x, codebooks, counts, sums, decay, eps):
 
 
 def test_one_ema_step_matches_numpy_closed_form():
-  model = ProductQuantizer(num_subspaces=2, codebook_size=8, ema_decay=0.9, epsilon=1e-3,
-                           dead_code_threshold=0.0, chunk_size=3)
+  model = ProductQuantizer(
+      num_subspaces=2,
+      codebook_size=8,
+      ema_decay=0.9,
+      epsilon=1e-3,
+      dead_code_threshold=0.0,
+      chunk_size=3,
+  )
   x = _random((24, 6), 6)
   cb = _random((1, 2, 8, 3), 7)
   counts = np.random.default_rng(8).uniform(0.5, 2.0, (1, 2, 8)).astype(np.float32)
@@ -97,13 +114,14 @@ def test_one_ema_step_matches_numpy_closed_form():
   np.testing.assert_allclose(st["ema_sums"][0], sm, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(st["codebooks"][0], new_cb, rtol=1e-5, atol=1e-6)
   # The forward pass quantizes with the codebook from before the update.
-  np.testing.assert_allclose(out, pq_codec.decode(pq_codec.encode(x, cb[0]), cb[0]),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      out, pq_codec.decode(pq_codec.encode(x, cb[0]), cb[0]), rtol=1e-6, atol=1e-6
+  )
   p = bc / bc.sum(-1, keepdims=True)
   ppl = np.exp(-np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1))
   np.testing.assert_allclose(metrics["perplexity_per_subspace"][0], ppl, rtol=1e-5)
   np.testing.assert_allclose(metrics["codebook_usage_per_subspace"][0], (bc > 0).mean(-1))
-  rel = ((x - out) ** 2).sum() / (x ** 2).sum()
+  rel = ((x - out) ** 2).sum() / (x**2).sum()
   np.testing.assert_allclose(metrics["relative_reconstruction_error"], rel, rtol=1e-5)
   assert int(metrics["num_reset_codes"]) == 0
 
@@ -140,8 +158,7 @@ def test_dead_code_reset_replaces_only_starved_codes():
   xs = x.reshape(32, 2, 3)
   for g, k in zip(*np.nonzero(starved)):
     assert any(np.array_equal(a["codebooks"][0, g, k], row) for row in xs[:, g])
-    np.testing.assert_allclose(a["ema_counts"][0, g, k], b["ema_counts"][0, g].mean(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(a["ema_counts"][0, g, k], b["ema_counts"][0, g].mean(), rtol=1e-6)
 
 
 def test_straight_through_gradient_is_identity():
@@ -168,8 +185,7 @@ def test_commitment_loss_gradient():
 
 
 def test_mask_excludes_rows_from_statistics():
-  model = ProductQuantizer(num_subspaces=2, codebook_size=8, ema_decay=0.5,
-                           dead_code_threshold=0.0)
+  model = ProductQuantizer(num_subspaces=2, codebook_size=8, ema_decay=0.5, dead_code_threshold=0.0)
   x = _random((40, 6), 16)
   mask = np.arange(40) % 3 != 0
   cb = _random((1, 2, 8, 3), 17)
@@ -178,8 +194,9 @@ def test_mask_excludes_rows_from_statistics():
   _, m_kept, kept = _step(model, _with_state(model, x, *state), x[mask], 2)
   for k in ("ema_counts", "ema_sums", "codebooks"):
     np.testing.assert_allclose(_state(masked)[k], _state(kept)[k], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(m_masked["relative_reconstruction_error"],
-                             m_kept["relative_reconstruction_error"], rtol=1e-6)
+  np.testing.assert_allclose(
+      m_masked["relative_reconstruction_error"], m_kept["relative_reconstruction_error"], rtol=1e-6
+  )
 
 
 def test_first_step_seeds_from_batch_and_training_lowers_error():
@@ -199,8 +216,9 @@ def test_residual_stages_reduce_error():
   x = _random((512, 16), 18)
   errs = []
   for r in (1, 2):
-    model = ProductQuantizer(num_subspaces=4, codebook_size=16, num_residual=r,
-                             ema_decay=0.8, init_lloyd_iters=2)
+    model = ProductQuantizer(
+        num_subspaces=4, codebook_size=16, num_residual=r, ema_decay=0.8, init_lloyd_iters=2
+    )
     v = model.init({}, x)
     for i in range(3):
       _, m, v = _step(model, v, x, i)
@@ -212,13 +230,26 @@ def test_residual_stages_reduce_error():
 
 def test_one_device_equals_eight_devices_under_shard_map():
   assert jax.device_count() >= 8
-  kw = dict(num_subspaces=4, codebook_size=16, ema_decay=0.9, num_residual=2,
-            dead_code_threshold=0.5, init_rounds=4, init_lloyd_iters=1, chunk_size=5)
+  kw = dict(
+      num_subspaces=4,
+      codebook_size=16,
+      ema_decay=0.9,
+      num_residual=2,
+      dead_code_threshold=0.5,
+      init_rounds=4,
+      init_lloyd_iters=1,
+      chunk_size=5,
+  )
   single, sharded = ProductQuantizer(**kw), ProductQuantizer(axis_name="data", **kw)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  step8 = jax.jit(jax.shard_map(
-      functools.partial(_step_fn, sharded), mesh=mesh, in_specs=(P(), P("data"), P()),
-      out_specs=(P("data"), P(), P())))
+  step8 = jax.jit(
+      jax.shard_map(
+          functools.partial(_step_fn, sharded),
+          mesh=mesh,
+          in_specs=(P(), P("data"), P()),
+          out_specs=(P("data"), P(), P()),
+      )
+  )
   step1 = functools.partial(_step, single)
   batches = [_random((64, 16), 19), _random((64, 16), 20) * 1.5, _random((64, 16), 21)]
   v1 = v8 = single.init({}, batches[0])

@@ -4,6 +4,7 @@ Each documented `python -m MODULE ARGS` runs in-process (`MODULE.main(ARGS)`),
 with `demo_out` moved to a temporary directory and smaller sizes appended (a
 later argparse flag wins), so the documented commands themselves are tested.
 """
+
 import importlib
 import re
 import shlex
@@ -12,9 +13,12 @@ import pytest
 
 import tasks.demo
 
-SMALLER = {"lumenvq.data.demo": ["--num_entities", "300", "--train_size", "40", "--dev_size", "20"],
-           "lumenvq.data.train_vocab": ["--vocab_size", "400"],
-           "lumenvq.data.passages": ["--no_progress"], "lumenvq.data.retrieve": ["--no_progress"]}
+SMALLER = {
+    "lumenvq.data.demo": ["--num_entities", "300", "--train_size", "40", "--dev_size", "20"],
+    "lumenvq.data.train_vocab": ["--vocab_size", "400"],
+    "lumenvq.data.passages": ["--no_progress"],
+    "lumenvq.data.retrieve": ["--no_progress"],
+}
 
 
 def documented_commands() -> list[list[str]]:
@@ -28,8 +32,12 @@ def demo_out(tmp_path_factory):
   """The root of a small demo world: demo_out/{data,passages,vocab,retrieval}."""
   root = tmp_path_factory.mktemp("cwd") / "demo_out"
   commands = documented_commands()
-  assert [c[2] for c in commands] == ["lumenvq.data.demo", "lumenvq.data.passages", "lumenvq.data.train_vocab",
-                                      "lumenvq.data.retrieve"]
+  assert [c[2] for c in commands] == [
+      "lumenvq.data.demo",
+      "lumenvq.data.passages",
+      "lumenvq.data.train_vocab",
+      "lumenvq.data.retrieve",
+  ]
   for _, _, module, *args in commands:
     args = [re.sub(r"(^|[=,])demo_out/", rf"\g<1>{root}/", a) for a in args]
     importlib.import_module(module).main(args + SMALLER[module])

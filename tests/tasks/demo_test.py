@@ -1,5 +1,6 @@
 """The demo tasks: names, where their files are found (default, environment, gin), and the trainer's
 input pipeline reading them."""
+
 import itertools
 import os
 
@@ -12,7 +13,12 @@ from lumenvq.data import demo, kilt
 from lumenvq.training import input_pipeline
 
 LENGTHS = {"inputs": 48, "targets": 12}
-NAMES = ["lumenvq_demo_nq", "lumenvq_demo_hotpotqa", "lumenvq_demo_fever", "lumenvq_demo_structured_zeroshot"]
+NAMES = [
+    "lumenvq_demo_nq",
+    "lumenvq_demo_hotpotqa",
+    "lumenvq_demo_fever",
+    "lumenvq_demo_structured_zeroshot",
+]
 
 
 @pytest.fixture
@@ -41,23 +47,35 @@ def test_names_splits_and_mixture():
   assert sorted(t.name for t in mixture.tasks) == sorted(NAMES)
   assert {mixture.get_rate(t) for t in mixture.tasks} == {1.0}
   single_hop = seqio.get_mixture_or_task("lumenvq_demo_single_hop")
-  assert sorted(t.name for t in single_hop.tasks) == ["lumenvq_demo_nq",
-                                                       "lumenvq_demo_structured_zeroshot"]
+  assert sorted(t.name for t in single_hop.tasks) == [
+      "lumenvq_demo_nq",
+      "lumenvq_demo_structured_zeroshot",
+  ]
   with pytest.raises(ValueError, match="unknown demo task 'trex'; demo tasks: nq, hotpotqa, fever"):
     tasks.demo.task_name("trex")
 
 
-def test_default_data_dir_is_demo_out_data_in_the_working_directory(demo_out, monkeypatch, clean_gin):
+def test_default_data_dir_is_demo_out_data_in_the_working_directory(
+    demo_out, monkeypatch, clean_gin
+):
   monkeypatch.delenv("LUMENVQ_DEMO_DIR", raising=False)
   monkeypatch.chdir(demo_out.parent)
   settings = tasks.demo.demo_data()
-  assert (settings.data_dir, settings.passages_dir) == (str(demo_out / "data"), str(demo_out / "passages"))
-  assert (settings.retrieval_dir, settings.vocabulary_path) == (str(demo_out / "retrieval"),
-                                                                str(demo_out / "vocab" / "spm.model"))
+  assert (settings.data_dir, settings.passages_dir) == (
+      str(demo_out / "data"),
+      str(demo_out / "passages"),
+  )
+  assert (settings.retrieval_dir, settings.vocabulary_path) == (
+      str(demo_out / "retrieval"),
+      str(demo_out / "vocab" / "spm.model"),
+  )
   assert _ids("lumenvq_demo_hotpotqa") == _dev_ids(demo_out / "data", "hotpotqa")
   monkeypatch.chdir(demo_out)  # no demo_out/data below the working directory
-  with pytest.raises(FileNotFoundError, match=rf"KILT file {demo_out}/demo_out/data/hotpotqa-dev-kilt.jsonl "
-                                              rf"not found .*python -m lumenvq.data.demo --out"):
+  with pytest.raises(
+      FileNotFoundError,
+      match=rf"KILT file {demo_out}/demo_out/data/hotpotqa-dev-kilt.jsonl "
+      rf"not found .*python -m lumenvq.data.demo --out",
+  ):
     _ids("lumenvq_demo_hotpotqa")
 
 
@@ -67,12 +85,14 @@ def test_environment_then_gin_choose_the_files(demo_out, tmp_path, monkeypatch, 
   assert _ids("lumenvq_demo_fever") == _dev_ids(demo_out / "data", "fever")
   # gin wins over the environment, and may move each directory: a copy of the dev file with 3 records.
   os.makedirs(tmp_path / "other")
-  with open(demo_out / "data" / "fever-dev-kilt.jsonl") as f, open(tmp_path / "other" / "fever-dev-kilt.jsonl",
-                                                                   "w") as out:
+  with open(demo_out / "data" / "fever-dev-kilt.jsonl") as f, open(
+      tmp_path / "other" / "fever-dev-kilt.jsonl", "w"
+  ) as out:
     out.writelines(f.readlines()[:3])
   os.makedirs(tmp_path / "retrieval")
   with open(demo_out / "retrieval" / "fever-dev-bm25-kilt.jsonl") as f, open(
-      tmp_path / "retrieval" / "fever-dev-bm25-kilt.jsonl", "w") as out:
+      tmp_path / "retrieval" / "fever-dev-bm25-kilt.jsonl", "w"
+  ) as out:
     out.writelines(f.readlines()[:3])
   gin.parse_config(f"""
       import tasks
@@ -82,14 +102,18 @@ def test_environment_then_gin_choose_the_files(demo_out, tmp_path, monkeypatch, 
       demo_data.vocabulary_path = '{demo_out / "vocab" / "spm.model"}'
       demo_data.num_passages = 4
   """)
-  ds = seqio.get_mixture_or_task("lumenvq_demo_fever").get_dataset(LENGTHS, split="dev", shuffle=False)
+  ds = seqio.get_mixture_or_task("lumenvq_demo_fever").get_dataset(
+      LENGTHS, split="dev", shuffle=False
+  )
   examples = list(ds.as_numpy_iterator())
   assert [e["id"].decode() for e in examples] == _dev_ids(demo_out / "data", "fever")[:3]
   assert all(e["passage_ids"].shape == (4,) for e in examples)
   gin.parse_config("demo_data.retrieval_dir = None")  # back to the default: OTHER/../retrieval
   assert len(_ids("lumenvq_demo_fever", "dev")) == 3
   gin.parse_config(f"demo_data.retrieval_dir = '{tmp_path / 'missing'}'")
-  with pytest.raises(FileNotFoundError, match=rf"retrieval file {tmp_path}/missing/fever-dev-bm25-kilt.jsonl"):
+  with pytest.raises(
+      FileNotFoundError, match=rf"retrieval file {tmp_path}/missing/fever-dev-bm25-kilt.jsonl"
+  ):
     _ids("lumenvq_demo_fever", "dev")
 
 
@@ -98,15 +122,23 @@ def test_the_trainers_input_pipeline_reads_the_mixture_and_scores_tasks(demo_out
   source = input_pipeline.SeqioSource("lumenvq_demo_all", LENGTHS)
   assert source.is_kilt
   # Training streams repeat; each process samples the tasks' examples of its own shard.
-  shards = [list(itertools.islice(source.examples("train", shard_index=i, num_shards=2, repeat=True), 100))
-            for i in range(2)]
+  shards = [
+      list(
+          itertools.islice(source.examples("train", shard_index=i, num_shards=2, repeat=True), 100)
+      )
+      for i in range(2)
+  ]
   ids = [{e["id"] for e in shard} for shard in shards]
   assert not ids[0] & ids[1] and {i.split("-")[1] for i in ids[0]} == set(demo.TASK_NAMES)
   assert all(e["passage_ids"].shape == (20,) and e["passages"].shape == (20,) for e in shards[0])
   for task_source in source.eval_sources():
     examples = list(task_source.examples("validation"))
-    targets = [task_source.postprocess(e["targets_pretokenized"], e, is_target=True) for e in examples]
-    golds = [task_source.postprocess(e["targets_pretokenized"], e, is_target=False) for e in examples]
+    targets = [
+        task_source.postprocess(e["targets_pretokenized"], e, is_target=True) for e in examples
+    ]
+    golds = [
+        task_source.postprocess(e["targets_pretokenized"], e, is_target=False) for e in examples
+    ]
     metric = kilt.get_task(task_source.name.removeprefix("lumenvq_demo_")).metrics[0]
     assert task_source.score(targets, golds)[metric] == 1.0
     assert task_source.score(targets, ["no such answer"] * len(targets))[metric] == 0.0

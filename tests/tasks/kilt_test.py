@@ -1,5 +1,6 @@
 """The KILT tasks: one per task of the registry, their splits and metrics, and the KILT directory
 layout read through $KILT_DATA_DIR (the demo world's files, laid out as KILT's)."""
+
 import os
 
 import pytest
@@ -17,7 +18,11 @@ def test_every_kilt_task_is_registered_with_its_splits_and_metrics():
   for name, task in kilt.TASKS.items():
     registered = seqio.get_mixture_or_task(f"kilt_{name}")
     assert registered.is_kilt and input_pipeline._is_kilt_name(registered.name)
-    want = ("train", "validation", "dev", "test") if "train" in task.files else ("validation", "dev", "test")
+    want = (
+        ("train", "validation", "dev", "test")
+        if "train" in task.files
+        else ("validation", "dev", "test")
+    )
     assert registered.splits == want
     [metric] = registered.predict_metric_fns
     assert set(metric([["gold answer"]], ["gold answer"])) == set(task.metrics)
@@ -27,7 +32,9 @@ def test_every_kilt_task_is_registered_with_its_splits_and_metrics():
 
 
 def test_unknown_task_lists_the_known_ones():
-  with pytest.raises(kilt.UnknownTaskError, match="unknown KILT task 'natural_questions'; known tasks: fever, "):
+  with pytest.raises(
+      kilt.UnknownTaskError, match="unknown KILT task 'natural_questions'; known tasks: fever, "
+  ):
     tasks.kilt.task_name("natural_questions")
 
 
@@ -46,9 +53,13 @@ def kilt_dir(demo_out, tmp_path, monkeypatch):
 def test_kilt_layout_from_the_environment(kilt_dir, demo_out):
   settings = tasks.kilt.kilt_data()
   assert (settings.data_dir, settings.passages_dir) == (str(kilt_dir), str(kilt_dir / "passages"))
-  assert settings.vocabulary_path == str(kilt_dir / "vocab" / "spm.model") and settings.num_passages == 20
-  ds = seqio.get_mixture_or_task("kilt_structured_zeroshot").get_dataset(LENGTHS, split="validation",
-                                                                           shuffle=False)
+  assert (
+      settings.vocabulary_path == str(kilt_dir / "vocab" / "spm.model")
+      and settings.num_passages == 20
+  )
+  ds = seqio.get_mixture_or_task("kilt_structured_zeroshot").get_dataset(
+      LENGTHS, split="validation", shuffle=False
+  )
   examples = list(ds.as_numpy_iterator())
   records = list(kilt.read_kilt(kilt_dir / "structured_zeroshot-dev-kilt.jsonl"))
   assert [e["id"].decode() for e in examples] == [r.id for r in records]
@@ -56,12 +67,18 @@ def test_kilt_layout_from_the_environment(kilt_dir, demo_out):
 
 
 def test_missing_kilt_files_name_the_download_command(kilt_dir):
-  with pytest.raises(FileNotFoundError, match=rf"KILT file {kilt_dir}/trex-train-kilt.jsonl not found \(from gin "
-                                              rf"kilt_data.data_dir, else \$KILT_DATA_DIR, else kilt\); make it with: "
-                                              rf"python -m lumenvq.data.download_kilt --tasks trex --splits train "
-                                              rf"--out {kilt_dir}$"):
+  with pytest.raises(
+      FileNotFoundError,
+      match=rf"KILT file {kilt_dir}/trex-train-kilt.jsonl not found \(from gin "
+      rf"kilt_data.data_dir, else \$KILT_DATA_DIR, else kilt\); make it with: "
+      rf"python -m lumenvq.data.download_kilt --tasks trex --splits train "
+      rf"--out {kilt_dir}$",
+  ):
     seqio.get_mixture_or_task("kilt_trex").get_dataset(LENGTHS, split="train")
-  with pytest.raises(FileNotFoundError, match=r"--splits dev .*restore_triviaqa --kilt_file "
-                                              rf"{kilt_dir}/triviaqa-dev_id-kilt.jsonl .*--out "
-                                              rf"{kilt_dir}/triviaqa-dev-kilt.jsonl"):
+  with pytest.raises(
+      FileNotFoundError,
+      match=r"--splits dev .*restore_triviaqa --kilt_file "
+      rf"{kilt_dir}/triviaqa-dev_id-kilt.jsonl .*--out "
+      rf"{kilt_dir}/triviaqa-dev-kilt.jsonl",
+  ):
     seqio.get_mixture_or_task("kilt_triviaqa").get_dataset(LENGTHS, split="validation")

@@ -1,6 +1,7 @@
 """Checkpoints: save and restore onto another mesh, keep-N / every-N, shape
 mismatches that name the parameter, the params layout shared with param_io,
 SIGTERM handling and the MODEL_DIR writability check."""
+
 import os
 import signal
 
@@ -16,11 +17,20 @@ RULES = partitioning.standard_logical_axis_rules()
 
 
 def _trainer(mesh_shape, **config):
-  cfg = dict(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-             num_encoder_layers=1, num_decoder_layers=1, dtype="float32")
+  cfg = dict(
+      vocab_size=64,
+      emb_dim=32,
+      num_heads=4,
+      head_dim=8,
+      mlp_dim=64,
+      num_encoder_layers=1,
+      num_decoder_layers=1,
+      dtype="float32",
+  )
   model = models.EncoderDecoderModel(T5Config(**{**cfg, **config}))
-  return trainer.Trainer(model, optimizers.make_optimizer(), partitioning.make_mesh(mesh_shape),
-                         RULES)
+  return trainer.Trainer(
+      model, optimizers.make_optimizer(), partitioning.make_mesh(mesh_shape), RULES
+  )
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +53,12 @@ def test_restore_onto_another_mesh(saved):
   restored = ckpt.restore(t.abstract_state())
   ckpt.close()
   assert int(restored.step) == 5
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored.params),
-                         state.params)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored.opt_state),
-                         state.opt_state)
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, jax.device_get(restored.params), state.params
+  )
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, jax.device_get(restored.opt_state), state.opt_state
+  )
   kernel = restored.params["decoder"]["logits_dense"]["kernel"]
   assert kernel.sharding.mesh.shape == {"data": 2, "model": 4}
   assert kernel.sharding.shard_shape(kernel.shape) == (32, 16)
@@ -55,16 +67,20 @@ def test_restore_onto_another_mesh(saved):
 def test_params_item_is_a_param_io_directory(saved):
   directory, state = saved
   t = _trainer((8, 1))
-  params = param_io.restore_params(os.path.join(directory, "5", "params"),
-                                   t.abstract_state().params)
+  params = param_io.restore_params(
+      os.path.join(directory, "5", "params"), t.abstract_state().params
+  )
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), state.params)
 
 
 def test_shape_mismatch_names_the_first_parameter(saved):
   directory, _ = saved
   ckpt = checkpoints.Checkpointer(directory)
-  with pytest.raises(ValueError, match=r"parameter decoder/layers_0/mlp/wi_0/kernel has shape "
-                                       r"\(32, 64\), the config expects \(32, 48\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"parameter decoder/layers_0/mlp/wi_0/kernel has shape "
+      r"\(32, 64\), the config expects \(32, 48\)",
+  ):
     ckpt.restore(_trainer((8, 1), mlp_dim=48).abstract_state())
   ckpt.close()
 
@@ -73,8 +89,9 @@ def test_every_n_steps_and_keep_n(saved, tmp_path):
   _, state = saved
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=2, keep=2)
   assert [s for s in range(1, 7) if ckpt.should_save(s)] == [2, 4, 6]
-  small = trainer.TrainState(step=0, params={"w": np.ones(3, np.float32)},
-                             opt_state={"count": np.zeros((), np.int32)})
+  small = trainer.TrainState(
+      step=0, params={"w": np.ones(3, np.float32)}, opt_state={"count": np.zeros((), np.int32)}
+  )
   for step in (2, 4, 6):
     ckpt.save(step, small)
   ckpt.wait()

@@ -1,6 +1,7 @@
 """Input pipeline: resumption skips to the step, process shards make up the global
 batch, eval batches are padded, and the SeqIO debug task gives exactly the
 numpy source's examples (so tests may use the fast path)."""
+
 import itertools
 
 import numpy as np
@@ -29,10 +30,18 @@ def test_resumed_stream_continues_where_the_run_stopped():
 
 
 def test_process_shards_make_up_the_global_batch():
-  whole = [e["inputs_pretokenized"] for e in
-           itertools.islice(_source().examples("train", skip=8), 8)]
-  shards = [[e["inputs_pretokenized"] for e in itertools.islice(
-      _source().examples("train", shard_index=i, num_shards=2, skip=4), 4)] for i in range(2)]
+  whole = [
+      e["inputs_pretokenized"] for e in itertools.islice(_source().examples("train", skip=8), 8)
+  ]
+  shards = [
+      [
+          e["inputs_pretokenized"]
+          for e in itertools.islice(
+              _source().examples("train", shard_index=i, num_shards=2, skip=4), 4
+          )
+      ]
+      for i in range(2)
+  ]
   assert sorted(shards[0] + shards[1]) == sorted(whole)
   assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
 
@@ -70,8 +79,11 @@ def test_seqio_task_gives_the_numpy_sources_examples():
   ids = [ord("a") + 3, ord("b") + 3, copy_task.EOS_ID, ord("c") + 3, 0]
   assert seqio_source.decode(ids) == numpy_source.decode(ids) == "ab"
   targets, predictions = ["abc", "de"], ["abc", "xy"]
-  assert seqio_source.score(targets, predictions) == numpy_source.score(
-      targets, predictions) == {"sequence_accuracy": 50.0}
+  assert (
+      seqio_source.score(targets, predictions)
+      == numpy_source.score(targets, predictions)
+      == {"sequence_accuracy": 50.0}
+  )
   with pytest.raises(ValueError, match="CopySource serves only the debug tasks"):
     input_pipeline.get_source("nq", LENGTHS, backend="numpy")
 
@@ -81,8 +93,11 @@ def test_seqio_source_after_gin_is_locked():
   (`demo_data`, `kilt_data`) must still register."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = ("import gin; from lumenvq.training import input_pipeline; gin.finalize(); "
-          "s = input_pipeline.SeqioSource('lumenvq_debug_copy', {'inputs': 8, 'targets': 8}); "
-          "print(next(iter(s.examples('validation')))['inputs'][:3])")
+
+  code = (
+      "import gin; from lumenvq.training import input_pipeline; gin.finalize(); "
+      "s = input_pipeline.SeqioSource('lumenvq_debug_copy', {'inputs': 8, 'targets': 8}); "
+      "print(next(iter(s.examples('validation')))['inputs'][:3])"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Forward and backward on 1 device and on 8 devices (meshes 4x2 and 2x4) agree;
 meshes and dimensions that do not fit stop with the setting and the numbers."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,17 @@ from lumenvq.model import losses, network
 from lumenvq.model.network_config import T5Config
 from lumenvq.training import partitioning
 
-CONFIG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                  num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
-                  dtype="float32")
+CONFIG = T5Config(
+    vocab_size=64,
+    emb_dim=32,
+    num_heads=4,
+    head_dim=8,
+    mlp_dim=64,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    dropout_rate=0.0,
+    dtype="float32",
+)
 
 
 def _batch():
@@ -43,9 +52,11 @@ def _loss_and_grads(mesh):
     return loss / weight
 
   with partitioning.axis_rules_and_mesh(mesh, rules):
-    step = jax.jit(jax.value_and_grad(loss_fn),
-                   in_shardings=(param_shardings,) + (batch_sharding,) * 3,
-                   out_shardings=(None, param_shardings))
+    step = jax.jit(
+        jax.value_and_grad(loss_fn),
+        in_shardings=(param_shardings,) + (batch_sharding,) * 3,
+        out_shardings=(None, param_shardings),
+    )
     params = jax.device_put(params, param_shardings)
     batch = [jax.device_put(x, batch_sharding) for x in batch]
     loss, grads = step(params, *batch)
@@ -55,21 +66,23 @@ def _loss_and_grads(mesh):
 def test_mesh_shapes_give_same_loss_and_gradients():
   assert len(jax.devices()) == 8
   ref_loss, ref_grads, _ = _loss_and_grads(
-      partitioning.make_mesh((1, 1), devices=jax.devices()[:1]))
+      partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+  )
   for shape in [(4, 2), (2, 4)]:
     loss, grads, sharded = _loss_and_grads(partitioning.make_mesh(shape))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-        grads, ref_grads)
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, ref_grads
+    )
     # The parameters really are split over the model axis.
     kernel = sharded["decoder"]["logits_dense"]["kernel"]
     assert kernel.sharding.shard_shape(kernel.shape) == (32, 64 // shape[1])
 
 
 def test_mesh_must_match_device_count():
-  with pytest.raises(partitioning.PartitioningError,
-                     match=r"MESH_SHAPE=\(4, 4\) needs 16 devices, but 8"):
+  with pytest.raises(
+      partitioning.PartitioningError, match=r"MESH_SHAPE=\(4, 4\) needs 16 devices, but 8"
+  ):
     partitioning.make_mesh((4, 4))
   with pytest.raises(partitioning.PartitioningError, match=r"MESH_SHAPE=\(3, -1\)"):
     partitioning.make_mesh((3, -1))
@@ -77,13 +90,23 @@ def test_mesh_must_match_device_count():
 
 
 def test_dimension_not_divisible_names_parameter():
-  config = T5Config(vocab_size=66, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                    num_encoder_layers=1, num_decoder_layers=1)
+  config = T5Config(
+      vocab_size=66,
+      emb_dim=32,
+      num_heads=4,
+      head_dim=8,
+      mlp_dim=64,
+      num_encoder_layers=1,
+      num_decoder_layers=1,
+  )
   mesh = partitioning.make_mesh((2, 4))
-  with pytest.raises(partitioning.PartitioningError,
-                     match=r"logits_dense/kernel has a dimension of 66 .* 'model' of size 4"):
-    partitioning.check_divisible(network.abstract_params(config), mesh,
-                                 partitioning.standard_logical_axis_rules())
+  with pytest.raises(
+      partitioning.PartitioningError,
+      match=r"logits_dense/kernel has a dimension of 66 .* 'model' of size 4",
+  ):
+    partitioning.check_divisible(
+        network.abstract_params(config), mesh, partitioning.standard_logical_axis_rules()
+    )
 
 
 def test_batch_must_divide_data_axis():
