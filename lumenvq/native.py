@@ -1,4 +1,4 @@
-"""The optional C++ libraries setup.py builds (lumenvq/csrc): found and loaded, or None.
+"""The optional C++ libraries setup.py builds (the csrc/ of quant and memory), loaded or None.
 
 setup.py builds them as extension modules only to compile them with the package; they are
 plain shared libraries, loaded with ctypes (CDLL, which releases the GIL during a call).

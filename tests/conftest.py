@@ -16,7 +16,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 @pytest.fixture(scope="session")
 def cxx_compiler():
-  """The C++ compiler setup.py would build lumenvq/csrc with, or None: where there is one,
+  """The C++ compiler setup.py would build the csrc/ libraries with, or None: where there is one,
   tests of the native paths require them built rather than skip."""
   return shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0])
 
