@@ -1,2 +1,2 @@
 """Running jobs: trainer, checkpoints, optimizers, partitioning, input pipeline, evaluation,
-summaries, gin CLI plumbing and parameter I/O."""
+summaries, gin CLI plumbing, parameter I/O and checkpoint import."""

@@ -1,6 +1,6 @@
 """Parameter trees to and from orbax checkpoints, with shape checks that name the parameter.
 
-Used by checkpoint import (convert_checkpoint) and by anything that restores a
+Used by checkpoint import (checkpoint_import) and by anything that restores a
 bare parameter tree; the trainer's CheckpointManager keeps whole train states.
 """
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from lumenvq import convert_checkpoint
 from lumenvq.model import network
 from lumenvq.model.network_config import T5Config
-from lumenvq.training import param_io
+from lumenvq.training import checkpoint_import, param_io
 
 CONFIG = T5Config(
     vocab_size=40,
@@ -76,7 +75,7 @@ def test_t5x_checkpoint_converts_exactly(tmp_path):
   src = str(tmp_path / "checkpoint_1000")
   _write_t5x_checkpoint(src, params)
   dst = tmp_path / "out"
-  config = convert_checkpoint.convert("t5x", src, str(dst), CONFIG)
+  config = checkpoint_import.convert("t5x", src, str(dst), CONFIG)
   assert config == CONFIG
   restored = param_io.restore_params(str(dst / "params"), network.abstract_params(CONFIG))
   for name, value in param_io.flat_names(params).items():
@@ -90,7 +89,7 @@ def test_t5x_shape_mismatch_names_parameter(tmp_path):
   src = str(tmp_path / "checkpoint_1")
   _write_t5x_checkpoint(src, params)
   with pytest.raises(ValueError, match=r"decoder/layers_1/mlp/wo/kernel has shape \(25, 16\)"):
-    convert_checkpoint.convert("t5x", src, str(tmp_path / "out"), CONFIG)
+    checkpoint_import.convert("t5x", src, str(tmp_path / "out"), CONFIG)
   assert not (tmp_path / "out").exists()
 
 
@@ -99,12 +98,12 @@ def test_t5x_missing_and_unexpected_parameters(tmp_path):
   del params["encoder"]["layers_0"]["mlp"]["wi_1"]
   _write_t5x_checkpoint(str(tmp_path / "a"), params)
   with pytest.raises(ValueError, match="encoder/layers_0/mlp/wi_1/kernel is missing"):
-    convert_checkpoint.convert("t5x", str(tmp_path / "a"), str(tmp_path / "o"), CONFIG)
+    checkpoint_import.convert("t5x", str(tmp_path / "a"), str(tmp_path / "o"), CONFIG)
   params = flax.linen.meta.unbox(_params())
   params["encoder"]["extra"] = {"kernel": np.zeros((2,), np.float32)}
   _write_t5x_checkpoint(str(tmp_path / "b"), params)
   with pytest.raises(ValueError, match="encoder/extra/kernel has no place"):
-    convert_checkpoint.convert("t5x", str(tmp_path / "b"), str(tmp_path / "o"), CONFIG)
+    checkpoint_import.convert("t5x", str(tmp_path / "b"), str(tmp_path / "o"), CONFIG)
 
 
 def test_hf_errors_name_tensor(tmp_path):
@@ -127,7 +126,7 @@ def test_hf_errors_name_tensor(tmp_path):
 
   save_file({"shared.weight": np.zeros((40, 16), np.float32)}, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match="lm_head.weight"):
-    convert_checkpoint.convert("hf", str(tmp_path), str(tmp_path / "o"))
+    checkpoint_import.convert("hf", str(tmp_path), str(tmp_path / "o"))
   save_file(
       {
           "shared.weight": np.zeros((40, 16), np.float32),
@@ -140,7 +139,7 @@ def test_hf_errors_name_tensor(tmp_path):
       match=r"tensor decoder.final_layer_norm.weight "
       r"\(for parameter decoder/decoder_norm/scale\) is missing",
   ):
-    convert_checkpoint.convert("hf", str(tmp_path), str(tmp_path / "o"))
+    checkpoint_import.convert("hf", str(tmp_path), str(tmp_path / "o"))
   (tmp_path / "config.json").write_text(
       json.dumps(
           {
@@ -155,14 +154,14 @@ def test_hf_errors_name_tensor(tmp_path):
       )
   )
   with pytest.raises(ValueError, match="feed_forward_proj='relu'"):
-    convert_checkpoint.convert("hf", str(tmp_path), str(tmp_path / "o"))
+    checkpoint_import.convert("hf", str(tmp_path), str(tmp_path / "o"))
 
 
 def test_t5x_cli_takes_gin_dimensions(tmp_path):
   src = str(tmp_path / "checkpoint_1000")
   _write_t5x_checkpoint(src, flax.linen.meta.unbox(_params()))
   gin_file = tmp_path / "model.gin"
-  gin_file.write_text(convert_checkpoint.config_gin(CONFIG))
+  gin_file.write_text(checkpoint_import.config_gin(CONFIG))
   dst = tmp_path / "out"
   subprocess.run(
       [
