@@ -18,6 +18,7 @@ import numpy as np
 
 from lumenvq.model import decoding, losses, network
 from lumenvq.model.network_config import T5Config
+from lumenvq.quant import quantizer
 
 # The batch key under which a model finds the trainer's step constants (trainer.py).
 STEP_CONSTANTS = "step_constants"
@@ -161,8 +162,12 @@ class EncoderDecoderModel:
     return self.module.apply(variables, tokens, method=network.Transformer.encode), tokens > 0
 
   def train_rngs(self, rng) -> dict:
-    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key."""
-    return {"dropout": rng}
+    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key; the
+    quantizer's stream where the model has one (memory+ with value_storage="pq_train")."""
+    rngs = {"dropout": rng}
+    if quantizer.QUANTIZER_COLLECTION in self.model_state_collections():
+      rngs[quantizer.RNG_STREAM] = jax.random.fold_in(rng, 1)
+    return rngs
 
   def intermediate_metrics(self, intermediates, weight) -> dict:
     """Training metric sums from what the module sowed; none for T5."""

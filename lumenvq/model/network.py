@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lumenvq.model import memory_plus
 from lumenvq.model.network_config import T5Config
 
 # T5X initialisers: truncated-normal-like variance scaling on fan-in.
@@ -184,6 +185,17 @@ class MlpBlock(nn.Module):
     return Dense(cfg.emb_dim, ("mlp", "embed"), cfg, name="wo")(h)
 
 
+def _feed_forward(layer, stack, h, deterministic):
+  """The layer's MLP, or its memory+ block in the layers `T5Config.memory_plus` names."""
+  cfg, plus = layer.config, layer.config.memory_plus
+  if plus is None or layer.index not in plus.layers(stack):
+    return MlpBlock(cfg, name="mlp")(h, deterministic=deterministic)
+  y = memory_plus.MemoryPlusBlock(
+      plus, cfg.emb_dim, cfg.dtype, cfg.param_dtype, layer.memory_values, name="memory_plus"
+  )(h, deterministic=deterministic)
+  return y if plus.replace_mlp else y + MlpBlock(cfg, name="mlp")(h, deterministic=deterministic)
+
+
 def _residual(x, y, cfg, deterministic):
   y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
   return nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
@@ -191,6 +203,8 @@ def _residual(x, y, cfg, deterministic):
 
 class EncoderLayer(nn.Module):
   config: T5Config
+  index: int = 0
+  memory_values: Optional[nn.Module] = None  # memory+'s shared value pool, if any
 
   @nn.compact
   def __call__(self, x, bias, *, deterministic: bool):
@@ -203,13 +217,13 @@ class EncoderLayer(nn.Module):
         deterministic,
     )
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    return _residual(
-        x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic), cfg, deterministic
-    )
+    return _residual(x, _feed_forward(self, "encoder", h, deterministic), cfg, deterministic)
 
 
 class DecoderLayer(nn.Module):
   config: T5Config
+  index: int = 0
+  memory_values: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, x, encoded, self_bias, cross_bias, *, deterministic: bool, decode: bool):
@@ -233,9 +247,7 @@ class DecoderLayer(nn.Module):
         deterministic,
     )
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    return _residual(
-        x, MlpBlock(cfg, name="mlp")(h, deterministic=deterministic), cfg, deterministic
-    )
+    return _residual(x, _feed_forward(self, "decoder", h, deterministic), cfg, deterministic)
 
 
 def mask_bias(mask, dtype):
@@ -247,11 +259,12 @@ class Encoder(nn.Module):
   """Encoder stack; `run_layers` executes any contiguous range of its layers."""
 
   config: T5Config
+  memory_values: Optional[nn.Module] = None
 
   def setup(self):
     cfg = self.config
     self.relpos_bias = RelativePositionBiases(cfg, bidirectional=True)
-    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+    self.layers = [EncoderLayer(cfg, i, self.memory_values) for i in range(cfg.num_encoder_layers)]
     self.encoder_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
 
@@ -284,6 +297,7 @@ class Decoder(nn.Module):
 
   config: T5Config
   shared_embedding: Optional[nn.Module] = None
+  memory_values: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(
@@ -311,7 +325,7 @@ class Decoder(nn.Module):
       )
     cross_bias = mask_bias(encoder_mask[:, None, None, :], cfg.dtype)
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f"layers_{i}")(
+      y = DecoderLayer(cfg, i, self.memory_values, name=f"layers_{i}")(
           y, encoded, self_bias, cross_bias, deterministic=deterministic, decode=decode
       )
     y = RMSNorm(cfg, name="decoder_norm")(y)
@@ -343,8 +357,12 @@ class Transformer(nn.Module):
         param_dtype=cfg.param_dtype,
         embedding_init=nn.with_logical_partitioning(_embed_init, ("vocab", "embed")),
     )
-    self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
+    # memory+'s value pool shared by its layers (None without memory+ or with one per layer).
+    self.memory_plus_values = memory_plus.shared_pool(cfg.memory_plus, cfg.emb_dim, cfg.param_dtype)
+    self.encoder = Encoder(cfg, memory_values=self.memory_plus_values)
+    self.decoder = Decoder(
+        cfg, shared_embedding=self.token_embedder, memory_values=self.memory_plus_values
+    )
     self.embed_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
 
   def embed(self, tokens, *, deterministic: bool):

@@ -1,10 +1,12 @@
 """T5Config: the network's hyper-parameters, bound from gin (`gin_configs/models/*.gin`)."""
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import gin
 import jax.numpy as jnp
+
+from lumenvq.model.memory_plus_config import MemoryPlusConfig
 
 
 def as_dtype(name_or_dtype) -> Any:
@@ -36,6 +38,8 @@ class T5Config:
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
   logits_via_embedding: bool = False
+  # Product-key memory+ blocks in chosen layers (memory_plus_config.py); None: none.
+  memory_plus: Optional[MemoryPlusConfig] = None
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", as_dtype(self.dtype))
@@ -50,3 +54,5 @@ class T5Config:
     ):
       if getattr(self, field) <= 0:
         raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+    if self.memory_plus is not None:
+      self.memory_plus.check_layers(self.num_encoder_layers, self.num_decoder_layers)

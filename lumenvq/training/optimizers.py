@@ -6,15 +6,18 @@ rsqrt schedule `base / sqrt(max(step, warmup_steps))`; no global-norm
 gradient clipping. AdamW is the alternative. Parameters whose '/'-joined
 name matches a `frozen_patterns` regex get zero updates and no optimizer
 state (LUMEN freezes the memory encoder this way: the trainer adds the model's
-`frozen_param_patterns()` to these through `Optimizer.with_frozen`).
+`frozen_param_patterns()` to these through `Optimizer.with_frozen`). `param_groups` gives
+parameters matching a regex their own transformation (memory+'s value table: its own
+learning rate, no weight decay, as Memory Layers at Scale trains it).
 """
 
 import dataclasses
 import re
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import flax
 import gin
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -86,6 +89,20 @@ def freeze(
   )
 
 
+def group(
+    tx: optax.GradientTransformation, param_groups: Mapping[str, optax.GradientTransformation]
+) -> optax.GradientTransformation:
+  """`param_groups[pattern]` on parameters whose name matches `pattern` (the first that
+  does), `tx` on the rest."""
+  if not param_groups:
+    return tx
+  patterns = tuple(param_groups)
+  return optax.multi_transform(
+      {"default": tx, **{p: param_groups[p] for p in patterns}},
+      lambda params: _regex_labels(params, patterns, "default", "param_groups"),
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """The transformation and its schedule (kept to log the learning rate).
@@ -117,16 +134,19 @@ class Optimizer:
 
 def freeze_labels(params, frozen_patterns: Sequence[str]):
   """'frozen' / 'trainable' per parameter, by regex search on its '/'-joined name."""
-  regexes = [re.compile(p) for p in frozen_patterns]
+  labels = _regex_labels(params, frozen_patterns, "trainable", "frozen pattern")
+  return jax.tree_util.tree_map(lambda l: l if l == "trainable" else "frozen", labels)
+
+
+def _regex_labels(params, patterns: Sequence[str], default: str, what: str):
+  """Per parameter, the first of `patterns` its '/'-joined name matches, else `default`."""
+  regexes = [re.compile(p) for p in patterns]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  labels = {
-      name: "frozen" if any(r.search(name) for r in regexes) else "trainable" for name in flat
-  }
-  for regex in regexes:  # A pattern that freezes nothing is a typo, not a choice.
+  labels = {name: next((r.pattern for r in regexes if r.search(name)), default) for name in flat}
+  for regex in regexes:  # A pattern that matches nothing is a typo, not a choice.
     if not any(regex.search(name) for name in flat):
       raise ValueError(
-          f"frozen pattern {regex.pattern!r} matches no parameter "
-          f"(e.g. {next(iter(flat), '')!r})"
+          f"{what} {regex.pattern!r} matches no parameter (e.g. {next(iter(flat), '')!r})"
       )
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
@@ -137,11 +157,13 @@ def make_optimizer(
     schedule: Optional[Callable] = None,
     frozen_patterns: Sequence[str] = (),
     max_grad_norm: Optional[float] = None,
+    param_groups: Mapping[str, optax.GradientTransformation] = (),
 ) -> Optimizer:
-  """`optimizer_fn(learning_rate=schedule)`, optionally with global-norm clipping
-  and frozen parameters. `schedule` defaults to `rsqrt_decay()`."""
+  """`optimizer_fn(learning_rate=schedule)`, optionally with global-norm clipping,
+  parameter groups of their own (`group`) and frozen parameters. `schedule` defaults to
+  `rsqrt_decay()`."""
   schedule = schedule if schedule is not None else rsqrt_decay()
-  tx = optimizer_fn(learning_rate=schedule)
+  tx = group(optimizer_fn(learning_rate=schedule), dict(param_groups))
   if max_grad_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
   return Optimizer(tx, schedule).with_frozen(frozen_patterns)

@@ -40,6 +40,15 @@ def standard_logical_axis_rules(model_parallel_embed: bool = False):
       ("quantizer_stage", None),
       ("subspace", None),
       ("subspace_dim", None),
+      # memory+ (model/memory_plus.py): value rows over data, value columns over model (the
+      # reference splits the value dim); product keys and queries replicated.
+      ("memory_plus_rows", "data"),
+      ("memory_plus_value_dim", "model"),
+      ("memory_plus_query", None),
+      ("memory_plus_heads", None),
+      ("memory_plus_halves", None),
+      ("memory_plus_keys", None),
+      ("memory_plus_key_dim", None),
   )
 
 

@@ -109,3 +109,20 @@ def test_adamw_first_step_and_global_norm_clipping():
   )
   updates, _ = clipped.tx.update(grads, clipped.tx.init(params), params)
   np.testing.assert_allclose(updates["w"], [-3.0, 4.0], rtol=1e-6)
+
+
+def test_param_groups_get_their_own_transformation():
+  groups = {"norm/": optax.sgd(0.1)}
+  opt = optimizers.make_optimizer(
+      optimizers.adamw, optimizers.constant_schedule(1e-3), (), None, groups
+  )
+  params = _params()
+  updates, _ = opt.tx.update(_grads(params), opt.tx.init(params), params)
+  np.testing.assert_allclose(updates["decoder"]["norm"]["scale"], -0.05)  # sgd: -lr * g
+  adam = optax.adamw(1e-3, weight_decay=0.01)
+  want, _ = adam.update(_grads(params), adam.init(params), params)
+  np.testing.assert_allclose(
+      updates["encoder"]["layers_0"]["kernel"], want["encoder"]["layers_0"]["kernel"]
+  )
+  with pytest.raises(ValueError, match="param_groups 'nope'"):
+    optimizers.make_optimizer(param_groups={"nope": optax.sgd(0.1)}).tx.init(params)
