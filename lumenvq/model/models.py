@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumenvq.model import decoding, losses, network
+from lumenvq.model import decoding, losses, network, vq_attention
 from lumenvq.model.network_config import T5Config
+from lumenvq.quant import quantizer
 
 # The batch key under which a model finds the trainer's step constants (trainer.py).
 STEP_CONSTANTS = "step_constants"
@@ -161,8 +162,12 @@ class EncoderDecoderModel:
     return self.module.apply(variables, tokens, method=network.Transformer.encode), tokens > 0
 
   def train_rngs(self, rng) -> dict:
-    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key."""
-    return {"dropout": rng}
+    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key;
+    EMA codebooks (LUMEN-VQ's, VQ attention's) also get the "quantizer" stream."""
+    rngs = {"dropout": rng}
+    if quantizer.QUANTIZER_COLLECTION in self.model_state_collections():
+      rngs[quantizer.RNG_STREAM] = jax.random.fold_in(rng, 1)
+    return rngs
 
   def intermediate_metrics(self, intermediates, weight) -> dict:
     """Training metric sums from what the module sowed; none for T5."""
@@ -225,6 +230,10 @@ class EncoderDecoderModel:
         "tokens": weight + self.input_token_count(batch),
     }
     metrics.update(self.intermediate_metrics(intermediates, weight))
+    commitment, vq_metrics = vq_attention.training_terms(intermediates, weight)
+    if vq_metrics:  # VQ attention's keys: their commitment loss trains with the tokens'.
+      loss = loss + commitment
+      metrics.update(vq_metrics)
     return loss, (metrics, new_state)
 
   def eval_fn(self, params, batch, model_state=None):

@@ -6,6 +6,10 @@ from typing import Any
 import gin
 import jax.numpy as jnp
 
+from lumenvq.model.vq_attention import VQAttentionConfig
+
+ATTENTION_KINDS = ("dense", "vq")
+
 
 def as_dtype(name_or_dtype) -> Any:
   """gin passes dtypes as strings ('bfloat16'); accept those and jnp dtypes."""
@@ -36,6 +40,10 @@ class T5Config:
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
   logits_via_embedding: bool = False
+  # 'vq': Transformer-VQ attention (vq_attention.py) in the encoder / decoder self-attention.
+  encoder_attention: str = "dense"
+  decoder_self_attention: str = "dense"
+  vq_attention: VQAttentionConfig = dataclasses.field(default_factory=VQAttentionConfig)
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", as_dtype(self.dtype))
@@ -50,3 +58,10 @@ class T5Config:
     ):
       if getattr(self, field) <= 0:
         raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+    for field in ("encoder_attention", "decoder_self_attention"):
+      if getattr(self, field) not in ATTENTION_KINDS:
+        raise ValueError(
+            f"T5Config.{field}={getattr(self, field)!r}: expected one of {ATTENTION_KINDS}"
+        )
+    if "vq" in (self.encoder_attention, self.decoder_self_attention):
+      self.vq_attention.check(self.relative_attention_max_distance)
