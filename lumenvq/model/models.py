@@ -111,6 +111,7 @@ class EncoderDecoderModel:
     self.z_loss = z_loss
     self.decode_fn = decode_fn
     self._decode_takes_rng = "rng" in inspect.signature(decode_fn).parameters
+    self._decode_takes_state = "model_state" in inspect.signature(decode_fn).parameters
     self._abstract_variables = None
 
   def make_module(self):
@@ -251,6 +252,9 @@ class EncoderDecoderModel:
     kwargs = (
         {"rng": rng if rng is not None else jax.random.PRNGKey(0)} if self._decode_takes_rng else {}
     )
+    state = {k: v for k, v in variables.items() if k != "params"}
+    if state and self._decode_takes_state:  # e.g. VQ attention's codebooks in the decoder
+      kwargs["model_state"] = state
     tokens = self.decode_fn(
         self.module, params, encoded, mask, batch["decoder_target_tokens"].shape[1], **kwargs
     )

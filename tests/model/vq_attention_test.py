@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lumenvq.model import network, vq_attention
+from lumenvq.data import copy_task, passage_copy_task
+from lumenvq.model import decoding, models, network, reader_models, vq_attention
 from lumenvq.model.network_config import T5Config
+from lumenvq.model.reader_config import ReaderConfig
 from lumenvq.model.vq_attention import VQAttentionConfig
+from lumenvq.training import input_pipeline, optimizers, partitioning, trainer
 
-H, D, S = 3, 4, 16
+H, D, S = 4, 4, 16
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # Compilation is most of the time.
+RULES = partitioning.standard_logical_axis_rules()
 CONFIG = T5Config(
     vocab_size=40,
     emb_dim=16,
@@ -82,7 +87,10 @@ def test_equals_dense_attention_when_keys_are_codewords(
   bias_mod = _Bias(bidirectional, block)
   params = bias_mod.init(jax.random.PRNGKey(1), pos, mask)
   dense_bias, allowed, blocks = bias_mod.apply(params, pos, mask)
-  got = vq_attention.block_attention(q, k, v, codes, blocks, codebook, lambda w, _: w)
+  got = jax.jit(
+      lambda *a: vq_attention.block_attention(*a[:4], blocks, a[4], lambda w, _: w),
+      compiler_options=FAST_COMPILE,
+  )(q, k, v, codes, codebook)
   want = _dense(q, k, v, dense_bias, allowed)
   valid = np.asarray(mask)  # padded query rows are arbitrary in both
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=2e-5, atol=2e-5)
@@ -157,30 +165,71 @@ def test_incremental_decoding_equals_the_full_forward():
   variables, _ = _seeded(model, enc, dec)
   encoded = model.apply(variables, enc, method=network.Transformer.encode)
   full = model.apply(variables, encoded, enc > 0, dec, method=network.Transformer.decode)
-  _, cache = model.apply(
-      variables,
-      encoded,
-      enc > 0,
-      jnp.zeros_like(dec),
-      decode=True,
-      method=network.Transformer.decode,
-      mutable=["cache"],
-  )
-  cache = cache["cache"]
+  state = {"quantizer": variables["quantizer"]}  # What predict_batch hands decode_fn.
+  cache = decoding.init_cache(model, variables["params"], encoded, enc > 0, 17, state)
   window = cache["decoder"]["layers_0"]["self_attention"]["vq"]["keys"]
   assert window.shape == (2, 12, H, D)  # two blocks, whatever the length
   step = jax.jit(
-      lambda c, t: model.apply(
-          {**variables, "cache": c},
-          encoded,
-          enc > 0,
-          t[:, None],
-          decode=True,
-          method=network.Transformer.decode,
-          mutable=["cache"],
-      )
+      decoding._step_fn(model, variables["params"], encoded, enc > 0, state),
+      compiler_options=FAST_COMPILE,
   )
   for i in range(dec.shape[1]):
-    logits, c = step(cache, dec[:, i])
-    cache = c["cache"]
-    np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=2e-5, atol=2e-5)
+    logits, cache = step(cache, dec[:, i])
+    np.testing.assert_allclose(logits, full[:, i], rtol=2e-5, atol=2e-5)
+
+
+def _train(model, mesh_shape, batches, steps=2):
+  opt = optimizers.make_optimizer(schedule=optimizers.constant_schedule(0.01))
+  mesh = partitioning.make_mesh(mesh_shape, devices=jax.devices()[: np.prod(mesh_shape)])
+  t = trainer.Trainer(model, opt, mesh, RULES, compiler_options=FAST_COMPILE)
+  state, metrics = t.init_state(), []
+  for i in range(steps):
+    state, m = t.train_step(state, batches(model, mesh, i))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+def _copy_batches(model, mesh, index, lengths={"inputs": 14, "targets": 14}):
+  source = copy_task.CopySource("lumenvq_debug_reverse", lengths)
+  layout = input_pipeline.data_layout(mesh, 8)
+  stream = input_pipeline.train_batches(source, model.feature_converter(lengths), layout, index)
+  return input_pipeline.to_global(next(stream), mesh, 8)
+
+
+def test_trainer_carries_codebooks_and_one_device_equals_eight():
+  """EMA codebooks travel as model state; heads (and codes) sharded over `model` change
+  nothing: (1, 1) vs a (2, 4) (data, model) mesh."""
+  model = models.EncoderDecoderModel(dataclasses.replace(VQ_CONFIG, vocab_size=264))
+  one, m1 = _train(model, (1, 1), _copy_batches)
+  eight, m8 = _train(model, (2, 4), _copy_batches)
+  for a, b in zip(m1, m8):
+    assert a["finite"] and a["vq_attention/commitment_loss"] > 0
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        a["vq_attention/commitment_loss"], b["vq_attention/commitment_loss"], rtol=1e-4
+    )
+  cb = lambda s: s.model_state["quantizer"]["encoder"]["layers_0"]["attention"]["vq"]
+  np.testing.assert_allclose(
+      cb(one)["key_quantizer"]["codebooks"], cb(eight)["key_quantizer"]["codebooks"], atol=1e-4
+  )
+  assert bool(cb(one)["key_quantizer"]["initialized"])
+
+
+def test_lumen_reader_with_vq_encoder_trains(arch="lumen"):
+  """LUMEN's memory and live encoders (over `[question ; memory]` positions) in vq."""
+  lengths = {"inputs": 8, "targets": 8}
+  config = dataclasses.replace(VQ_CONFIG, vocab_size=264, decoder_self_attention="dense")
+  reader = ReaderConfig(architecture=arch, num_passages=2, passage_length=8)
+  model = reader_models.ReaderModel(config, reader)
+
+  def batches(model, mesh, index):
+    source = passage_copy_task.PassageCopySource("lumenvq_debug_passage_copy", lengths)
+    layout = input_pipeline.data_layout(mesh, 4)
+    stream = input_pipeline.train_batches(source, model.feature_converter(lengths), layout, index)
+    return input_pipeline.to_global(next(stream), mesh, 4)
+
+  state, metrics = _train(model, (1, 1), batches, steps=1)
+  assert metrics[0]["finite"] and metrics[0]["vq_attention/commitment_loss"] > 0
+  layers = state.model_state["quantizer"]["encoder"]
+  assert sorted(layers) == ["layers_0", "layers_1"]
+  assert bool(layers["layers_1"]["attention"]["vq"]["key_quantizer"]["initialized"])
