@@ -20,10 +20,14 @@ from lumenvq.model.network import Transformer
 EOS_ID = 1
 
 
-def init_cache(model: Transformer, params, encoded, encoder_mask, max_length: int):
+def init_cache(
+    model: Transformer, params, encoded, encoder_mask, max_length: int, model_state=None
+):
+  """The "cache" collection. `model_state` (the collections besides "params", e.g. VQ
+  attention's "quantizer" codebooks) is read by every call, never changed."""
   dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
   _, variables = model.apply(
-      {"params": params},
+      {"params": params, **(model_state or {})},
       encoded,
       encoder_mask,
       dummy,
@@ -34,12 +38,12 @@ def init_cache(model: Transformer, params, encoded, encoder_mask, max_length: in
   return variables["cache"]
 
 
-def _step_fn(model: Transformer, params, encoded, encoder_mask):
+def _step_fn(model: Transformer, params, encoded, encoder_mask, model_state=None):
   """(cache, tokens [n]) -> (next-token logits [n, vocab], cache): one decoder step."""
 
   def step(cache, tokens):
     logits, variables = model.apply(
-        {"params": params, "cache": cache},
+        {"params": params, **(model_state or {}), "cache": cache},
         encoded,
         encoder_mask,
         tokens[:, None],
@@ -77,6 +81,7 @@ def sample_decode(
     temperature: float = 1.0,
     topk: int = 0,
     eos_id: int = EOS_ID,
+    model_state=None,
 ):
   """Sampled tokens [b, max_length]; positions after EOS are 0.
 
@@ -91,7 +96,7 @@ def sample_decode(
     )
   if temperature > 0 and rng is None:
     raise ValueError("sample_decode: temperature > 0 needs an rng")
-  step = _step_fn(model, params, encoded, encoder_mask)
+  step = _step_fn(model, params, encoded, encoder_mask, model_state)
   batch = encoded.shape[0]
 
   def body(carry, key):
@@ -102,7 +107,7 @@ def sample_decode(
 
   keys = None if temperature == 0 else jax.random.split(rng, max_length)
   init = (
-      init_cache(model, params, encoded, encoder_mask, max_length),
+      init_cache(model, params, encoded, encoder_mask, max_length, model_state),
       jnp.zeros((batch,), jnp.int32),
       jnp.zeros((batch,), bool),
   )
@@ -111,11 +116,25 @@ def sample_decode(
 
 
 def greedy_decode(
-    model: Transformer, params, encoded, encoder_mask, max_length: int, eos_id: int = EOS_ID
+    model: Transformer,
+    params,
+    encoded,
+    encoder_mask,
+    max_length: int,
+    eos_id: int = EOS_ID,
+    model_state=None,
 ):
   """Argmax tokens [b, max_length]; positions after EOS are 0."""
   return sample_decode(
-      model, params, encoded, encoder_mask, max_length, rng=None, temperature=0.0, eos_id=eos_id
+      model,
+      params,
+      encoded,
+      encoder_mask,
+      max_length,
+      rng=None,
+      temperature=0.0,
+      eos_id=eos_id,
+      model_state=model_state,
   )
 
 
@@ -134,7 +153,7 @@ class _BeamState(NamedTuple):
   cache: Any  # "cache" collection over b * beam rows
 
 
-def _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache):
+def _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache, model_state):
   """Which cache leaves carry the batch axis (True) and so follow their beam.
 
   Found by sizing the cache at batch + 1 (shapes only), not by matching the
@@ -143,7 +162,7 @@ def _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache):
   """
   grow = lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype)
   bigger = jax.eval_shape(
-      lambda p, e, m: init_cache(model, p, e, m, max_length),
+      lambda p, e, m: init_cache(model, p, e, m, max_length, model_state),
       params,
       grow(encoded),
       grow(encoder_mask),
@@ -165,6 +184,7 @@ def beam_search(
     beam_size: int = 4,
     alpha: float = 0.6,
     eos_id: int = EOS_ID,
+    model_state=None,
 ):
   """(tokens [b, beam, max_length], scores [b, beam]), best first; after EOS tokens are 0.
 
@@ -186,9 +206,11 @@ def beam_search(
   batch, k = encoded.shape[0], beam_size
   encoded = jnp.repeat(encoded, k, axis=0)  # row r * k + j is beam j of batch row r
   encoder_mask = jnp.repeat(encoder_mask, k, axis=0)
-  cache = init_cache(model, params, encoded, encoder_mask, max_length)
-  on_batch = _batch_axis_leaves(model, params, encoded, encoder_mask, max_length, cache)
-  step = _step_fn(model, params, encoded, encoder_mask)
+  cache = init_cache(model, params, encoded, encoder_mask, max_length, model_state)
+  on_batch = _batch_axis_leaves(
+      model, params, encoded, encoder_mask, max_length, cache, model_state
+  )
+  step = _step_fn(model, params, encoded, encoder_mask, model_state)
   neg_inf = jnp.array(-jnp.inf, jnp.float32)
 
   def gather_cache(cache, parent):  # parent [b, k]: the beam each new beam extends

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumenvq.model import decoding, losses, network
+from lumenvq.model import decoding, losses, network, vq_attention
 from lumenvq.model.network_config import T5Config
 from lumenvq.quant import quantizer
 
@@ -111,6 +111,7 @@ class EncoderDecoderModel:
     self.z_loss = z_loss
     self.decode_fn = decode_fn
     self._decode_takes_rng = "rng" in inspect.signature(decode_fn).parameters
+    self._decode_takes_state = "model_state" in inspect.signature(decode_fn).parameters
     self._abstract_variables = None
 
   def make_module(self):
@@ -162,8 +163,8 @@ class EncoderDecoderModel:
     return self.module.apply(variables, tokens, method=network.Transformer.encode), tokens > 0
 
   def train_rngs(self, rng) -> dict:
-    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key; the
-    quantizer's stream where the model has one (memory+ with value_storage="pq_train")."""
+    """PRNG streams of a train step, drawn from the trainer's per-(step, microbatch) key; EMA
+    codebooks (LUMEN-VQ's, VQ attention's, memory+ PQ values') also get the "quantizer" stream."""
     rngs = {"dropout": rng}
     if quantizer.QUANTIZER_COLLECTION in self.model_state_collections():
       rngs[quantizer.RNG_STREAM] = jax.random.fold_in(rng, 1)
@@ -230,6 +231,10 @@ class EncoderDecoderModel:
         "tokens": weight + self.input_token_count(batch),
     }
     metrics.update(self.intermediate_metrics(intermediates, weight))
+    commitment, vq_metrics = vq_attention.training_terms(intermediates, weight)
+    if vq_metrics:  # VQ attention's keys: their commitment loss trains with the tokens'.
+      loss = loss + commitment
+      metrics.update(vq_metrics)
     return loss, (metrics, new_state)
 
   def eval_fn(self, params, batch, model_state=None):
@@ -247,6 +252,9 @@ class EncoderDecoderModel:
     kwargs = (
         {"rng": rng if rng is not None else jax.random.PRNGKey(0)} if self._decode_takes_rng else {}
     )
+    state = {k: v for k, v in variables.items() if k != "params"}
+    if state and self._decode_takes_state:  # e.g. VQ attention's codebooks in the decoder
+      kwargs["model_state"] = state
     tokens = self.decode_fn(
         self.module, params, encoded, mask, batch["decoder_target_tokens"].shape[1], **kwargs
     )

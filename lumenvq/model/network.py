@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumenvq.model import memory_plus
+from lumenvq.model import memory_plus, vq_attention
 from lumenvq.model.network_config import T5Config
 
 # T5X initialisers: truncated-normal-like variance scaling on fan-in.
@@ -145,6 +145,13 @@ class MultiHeadAttention(nn.Module):
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    if isinstance(bias, vq_attention.BlockBias):  # This stack's attention is 'vq'.
+      out = vq_attention.VQAttention(cfg, name="vq")(
+          query, key, value, bias, deterministic=deterministic, decode=decode
+      )
+      return Dense(cfg.emb_dim, ("joined_kv", "embed"), cfg, name="out")(
+          out.reshape(out.shape[:2] + (inner,))
+      )
 
     if decode:
       # The first (initialising) call sizes the cache from a full-length input;
@@ -279,10 +286,15 @@ class Encoder(nn.Module):
           f"encoder layer range [{start}, {end}) is outside "
           f"[0, {len(self.layers)}) (num_encoder_layers)"
       )
-    if positions is None:
-      positions = jnp.arange(x.shape[1])[None]
-    bias = self.relpos_bias(positions, positions)
-    bias = bias + mask_bias(mask[:, None, None, :], bias.dtype)
+    if self.config.encoder_attention == "vq":
+      bias = vq_attention.block_bias(
+          self.relpos_bias, positions, mask, self.config.vq_attention, bidirectional=True
+      )
+    else:
+      if positions is None:
+        positions = jnp.arange(x.shape[1])[None]
+      bias = self.relpos_bias(positions, positions)
+      bias = bias + mask_bias(mask[:, None, None, :], bias.dtype)
     for layer in self.layers[start:end]:
       x = layer(x, bias, deterministic=deterministic)
     return x
@@ -305,7 +317,12 @@ class Decoder(nn.Module):
   ):
     cfg = self.config
     relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
-    if decode and self.has_variable("cache", "position"):
+    vq = cfg.decoder_self_attention == "vq"
+    if decode and self.has_variable("cache", "position") and vq:
+      position = self.variable("cache", "position", lambda: None)
+      self_bias = vq_attention.decode_bias(relpos, position.value, cfg.vq_attention)
+      position.value = position.value + 1
+    elif decode and self.has_variable("cache", "position"):
       # One incremental step: the query sits at `position`, keys span the cache.
       position = self.variable("cache", "position", lambda: None)
       key_positions = self.variable("cache", "key_positions", lambda: None).value[None]
@@ -319,10 +336,15 @@ class Decoder(nn.Module):
       if decode:  # Initialising call: remember the cache length for later steps.
         self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
         self.variable("cache", "key_positions", lambda: positions[0])
-      causal = positions[:, :, None] >= positions[:, None, :]
-      self_bias = relpos(positions, positions) + mask_bias(
-          (causal & decoder_mask[:, None, :])[:, None], cfg.dtype
-      )
+      if vq:
+        self_bias = vq_attention.block_bias(
+            relpos, None, decoder_mask, cfg.vq_attention, bidirectional=False
+        )
+      else:
+        causal = positions[:, :, None] >= positions[:, None, :]
+        self_bias = relpos(positions, positions) + mask_bias(
+            (causal & decoder_mask[:, None, :])[:, None], cfg.dtype
+        )
     cross_bias = mask_bias(encoder_mask[:, None, None, :], cfg.dtype)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, i, self.memory_values, name=f"layers_{i}")(

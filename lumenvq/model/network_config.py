@@ -7,6 +7,9 @@ import gin
 import jax.numpy as jnp
 
 from lumenvq.model.memory_plus_config import MemoryPlusConfig
+from lumenvq.model.vq_attention import VQAttentionConfig
+
+ATTENTION_KINDS = ("dense", "vq")
 
 
 def as_dtype(name_or_dtype) -> Any:
@@ -40,6 +43,10 @@ class T5Config:
   logits_via_embedding: bool = False
   # Product-key memory+ blocks in chosen layers (memory_plus_config.py); None: none.
   memory_plus: Optional[MemoryPlusConfig] = None
+  # 'vq': Transformer-VQ attention (vq_attention.py) in the encoder / decoder self-attention.
+  encoder_attention: str = "dense"
+  decoder_self_attention: str = "dense"
+  vq_attention: VQAttentionConfig = dataclasses.field(default_factory=VQAttentionConfig)
 
   def __post_init__(self):
     object.__setattr__(self, "dtype", as_dtype(self.dtype))
@@ -56,3 +63,10 @@ class T5Config:
         raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
     if self.memory_plus is not None:
       self.memory_plus.check_layers(self.num_encoder_layers, self.num_decoder_layers)
+    for field in ("encoder_attention", "decoder_self_attention"):
+      if getattr(self, field) not in ATTENTION_KINDS:
+        raise ValueError(
+            f"T5Config.{field}={getattr(self, field)!r}: expected one of {ATTENTION_KINDS}"
+        )
+    if "vq" in (self.encoder_attention, self.decoder_self_attention):
+      self.vq_attention.check(self.relative_attention_max_distance)

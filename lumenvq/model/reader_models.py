@@ -16,14 +16,12 @@ passage ids, or the host-read rows, instead of passage tokens; see `stored_memor
 from typing import Optional, Sequence
 
 import gin
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lumenvq.model import models, readers, stored_memory
 from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
-from lumenvq.quant import quantizer
 
 # Scalar quantizer metrics logged in training (the sown dict also has per-subspace arrays).
 QUANTIZER_METRICS = ("codebook_usage", "perplexity", "relative_reconstruction_error")
@@ -197,12 +195,6 @@ class ReaderModel(models.EncoderDecoderModel):
         batch["passage_tokens"],
         method=readers.Reader.encode_passages,
     )
-
-  def train_rngs(self, rng) -> dict:
-    rngs = super().train_rngs(rng)
-    if isinstance(self.module, readers.LumenVQ):
-      rngs[quantizer.RNG_STREAM] = jax.random.fold_in(rng, 1)
-    return rngs
 
   def intermediate_metrics(self, intermediates, weight) -> dict:
     """`quantizer/<metric>` x the loss weight: the trainer sums metrics over microbatches

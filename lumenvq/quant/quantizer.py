@@ -194,8 +194,12 @@ class ProductQuantizer(nn.Module):
     return cbs, counts, cbs * counts[..., None]
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, mask=None):
+  def __call__(self, x, *, train: bool = False, mask=None, return_codes: bool = False):
     """Quantizes x [..., d]; returns (x + stop_gradient(q - x), metrics).
+
+    With ``return_codes`` it returns (out, metrics, codes [..., R, G] int32, codebooks
+    [R, G, C, s]): the codes and the codebooks this forward used (before this step's EMA
+    update), for callers that index per-code statistics (VQ attention's cache).
 
     mask ([...], optional): 0 marks padding rows, left out of statistics, seeding, resets
     and metrics (they are still quantized). Metrics: codebook_usage / perplexity (means;
@@ -238,10 +242,11 @@ class ProductQuantizer(nn.Module):
       init_var.value = jnp.ones((), jnp.bool_)
 
     residual, q = xs, jnp.zeros_like(xs)
-    usage, perplexity, new_state = [], [], []
+    usage, perplexity, new_state, all_codes = [], [], [], []
     num_reset = jnp.zeros((), jnp.int32)
     for stage in range(r):
       codes = self._encode(residual, codebooks[stage])
+      all_codes.append(codes)
       counts, sums = batch_statistics(residual, codes, w, c, self.axis_name)
       p = counts / jnp.maximum(jnp.sum(counts, -1, keepdims=True), 1e-30)
       usage.append(jnp.mean((counts > 0).astype(jnp.float32), -1))
@@ -306,4 +311,8 @@ class ProductQuantizer(nn.Module):
         "num_reset_codes": num_reset,
     }
     out = xs + lax.stop_gradient(q - xs)
-    return out.reshape(x.shape).astype(self.dtype), metrics
+    out = out.reshape(x.shape).astype(self.dtype)
+    if return_codes:
+      codes = jnp.stack(all_codes, axis=-2).astype(jnp.int32).reshape(*x.shape[:-1], r, g)
+      return out, metrics, codes, codebooks
+    return out, metrics
