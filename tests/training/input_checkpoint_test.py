@@ -6,21 +6,14 @@ parameters.
 """
 
 import itertools
-import os
-import signal
-import socket
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from lumenvq.model import models
-from lumenvq.training import checkpoints, input_checkpoint, input_pipeline, param_io
+from lumenvq.training import checkpoints, input_checkpoint, input_pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LENGTHS = {"inputs": 8, "targets": 8}
 CONVERT = models.EncDecFeatureConverter(LENGTHS)
 SHUFFLED = dict(shuffle=True, seed=7)
@@ -111,87 +104,3 @@ def test_checkpointer_keeps_the_position_per_process(tmp_path, seqio_source):
   assert (tmp_path / "1" / "input" / "process_00000-of-00001").exists()
   assert ckpt.restore_input_position(1) == stream.position(1)
   ckpt.close()
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _launch(model_dir, steps, env):
-  port = _free_port()
-  flags = [
-      "--gin_file=gin_configs/debug/tiny_train.gin",
-      "--gin.get_source.backend='seqio'",
-      "--gin.train.shuffle=True",
-      "--gin.train.eval_every=0",
-      "--gin.MetricsLogger.log_every=1",
-      "--gin.Checkpointer.save_every=2",
-      f"--gin.MODEL_DIR='{model_dir}'",
-      f"--gin.TRAIN_STEPS={steps}",
-      "--gin.MESH_SHAPE=(2, 2)",
-      f"--coordinator_address=localhost:{port}",
-      "--num_processes=2",
-  ]
-  return [
-      subprocess.Popen(
-          [sys.executable, "-m", "lumenvq.train", *flags, f"--process_id={i}"],
-          cwd=REPO,
-          env=env,
-          stdout=subprocess.DEVNULL,
-          stderr=subprocess.PIPE,
-          text=True,
-      )
-      for i in range(2)
-  ]
-
-
-def _finish(procs):
-  logs = [p.communicate(timeout=400)[1] for p in procs]
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"
-  return logs
-
-
-def _params(model_dir, step):
-  """Parameters saved by two processes, read onto this process' device 0."""
-  path = str(model_dir / "checkpoints" / str(step) / "params")
-  stored = ocp.StandardCheckpointer().metadata(path).item_metadata["params"]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored
-  )
-  return param_io.flat_names(param_io.restore_params(path, abstract))
-
-
-def test_two_processes_killed_with_9_resume_to_the_uninterrupted_params(tmp_path):
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  _finish(_launch(straight, 6, env))
-  procs = _launch(killed, 6, env)
-  for line in procs[0].stderr:
-    if " step 4: " in line:  # Checkpoint 4 was started at step 4: kill at once, mid-save or after.
-      break
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
-  saved = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
-  assert saved and saved[-1] in (2, 4)
-  for i in range(2):
-    assert (
-        killed / "checkpoints" / str(saved[-1]) / "input" / f"process_{i:05d}-of-00002"
-    ).exists()
-  logs = _finish(_launch(killed, 6, env))
-  assert all(f"continuing from step {saved[-1]}" in log for log in logs)
-  got, want = _params(killed, 6), _params(straight, 6)
-  assert got.keys() == want.keys()
-  for name in want:
-    np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
