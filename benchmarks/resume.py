@@ -1,6 +1,6 @@
 """Resume time of the training input on the demo task, with and without a saved position.
 
-  python benchmarks/resume.py [--steps 10,2000] [--data demo_out]   (--steps 10,20000: the full figure)
+  python benchmarks/resume.py [--steps 10,1000] [--data demo_out]   (--steps 10,20000: the full figure)
 
 The demo mixture (`lumenvq_demo_all`, shuffled, seed 0, batch 32, one process, the demo
 reader's feature converter). For each N: "skip" is a resume without a saved input position
@@ -39,7 +39,7 @@ def _timed_first(make):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", default="10,2000", help="resume steps N, comma separated")
+  parser.add_argument("--steps", default="10,1000", help="resume steps N, comma separated")
   report.add_demo_arguments(parser)
   args = parser.parse_args()
   source = report.demo_task_source(args, TASK, LENGTHS)
