@@ -119,3 +119,27 @@ def bar_plot(name: str, labels, series: dict, ylabel: str, log: bool = False) ->
   fig.savefig(path, dpi=100)
   print(f"wrote {path}")
   return path
+
+
+def add_demo_arguments(parser, **defaults) -> None:
+  """The demo world's data settings (`lumenvq.demo`'s), and --data for a ready one."""
+  from lumenvq import demo  # pylint: disable=g-import-not-at-top
+
+  parser.add_argument("--data", default=None, help="a demo output dir (else generated)")
+  demo.add_arguments(parser)
+  parser.set_defaults(**defaults)
+
+
+def demo_task_source(args, task: str, lengths: dict):
+  """The SeqIO source of demo task `task` over `args.data`, or over demo data generated
+  into a temp dir with `args`' settings."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from lumenvq import demo  # pylint: disable=g-import-not-at-top
+  from lumenvq.training import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  out = args.data or tempfile.mkdtemp(prefix="demo_bench_")
+  if not args.data:
+    demo.prepare_data(out, args)
+  os.environ["LUMENVQ_DEMO_DIR"] = os.path.join(out, "data")
+  return input_pipeline.SeqioSource(task, lengths)

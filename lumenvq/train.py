@@ -3,8 +3,8 @@ r"""Train a model on a SeqIO task or mixture, T5X-style.
     python -m lumenvq.train --gin_file=gin_configs/debug/tiny_train.gin \
         --gin.MODEL_DIR="'/tmp/x'" --gin.TRAIN_STEPS=20
 
-Resumes from the latest checkpoint in MODEL_DIR/checkpoints (the data stream
-skips to that step). SIGTERM saves a checkpoint at the current step and exits
+Resumes from the latest checkpoint in MODEL_DIR/checkpoints, the data stream
+from the position saved with it (`training/input_checkpoint.py`). SIGTERM saves a checkpoint at the current step and exits
 0. A non-finite loss, gradient or parameter norm stops with the step number
 before anything from that step is saved, so the last good checkpoint stays
 the latest. MODEL_DIR gets config.gin, checkpoints/, and TensorBoard events
@@ -85,23 +85,24 @@ def train(
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
   logger = summaries.MetricsLogger(os.path.join(model_dir, "train"))
   eval_writer = summaries.ScalarWriter(os.path.join(model_dir, "eval")) if eval_every else None
-  watcher = None
+  # Installed first: a SIGTERM while restoring, building the data or compiling the first
+  # step stops the run after that step, with a checkpoint, as one during training does.
+  watcher = checkpoints.PreemptionWatcher()
   try:
     feed = memory_feed.attach(trainer)  # Stored memory: its table, codebooks, host reads.
     state, step = _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps)
     source = source_fn(task_feature_lengths=task_feature_lengths)
-    batches = feed.wrap(
-        input_pipeline.train_batches(
-            source,
-            model.feature_converter(task_feature_lengths),
-            layout,
-            step,
-            shuffle=shuffle,
-            seed=seed,
-        )
+    stream = input_pipeline.train_batches(
+        source,
+        model.feature_converter(task_feature_lengths),
+        layout,
+        step,
+        shuffle=shuffle,
+        seed=seed,
+        position=ckpt.restore_input_position(step) if step else None,
     )
+    batches = feed.wrap(stream)
     gin_cli.write_config(model_dir)
-    watcher = checkpoints.PreemptionWatcher()
     pending = []
     logger.start()
     while step < train_steps:
@@ -118,7 +119,7 @@ def train(
       if logger.due(step):
         logger.write(step)
       if save:
-        ckpt.save(step, state)
+        ckpt.save(step, state, stream.position(step))
       if preempted:
         logging.warning("Preempted: saved a checkpoint at step %d; exiting", step)
         break
@@ -139,8 +140,7 @@ def train(
       logging.info("At step %d of TRAIN_STEPS=%d: done", step, train_steps)
     return step
   finally:
-    if watcher is not None:
-      watcher.close()
+    watcher.close()
     ckpt.wait()  # Saves already started are of good states: let them finish.
     ckpt.close()
     logger.close()

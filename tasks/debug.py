@@ -10,17 +10,16 @@ import functools
 import seqio
 import tensorflow as tf
 
-from lumenvq.data import copy_task
+from lumenvq.data import copy_task, seqio_tasks
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed=None, *, task: str) -> tf.data.Dataset:
   del shuffle_files, seed  # One deterministic stream; examples are random already.
-  generator = lambda: (
-      copy_task.text_example(task, split, i) for i in copy_task.split_indices(split)
-  )
   spec = tf.TensorSpec((), tf.string)
-  return tf.data.Dataset.from_generator(
-      generator, output_signature={"inputs": spec, "targets": spec}
+  return seqio_tasks.indexed_dataset(
+      lambda i: copy_task.text_example(task, split, i),
+      copy_task.SPLIT_SIZES[split],
+      {"inputs": spec, "targets": spec},
   )
 
 

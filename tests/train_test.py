@@ -1,5 +1,5 @@
 """`python -m lumenvq.train` end to end: a straight run, resumption after SIGTERM
-and after kill -9 (same parameters within 1e-6, same logged losses), a NaN
+(also one before the first step) and after kill -9 (same parameters within 1e-6, same logged losses), a NaN
 that stops training and keeps the last good checkpoint, an unwritable
 MODEL_DIR, and gin typos.
 
@@ -183,6 +183,30 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path)
   _resume_and_compare(
       env, model_dir, straight, f"continuing from step {saved} to TRAIN_STEPS={STEPS}"
   )
+
+
+def test_sigterm_before_the_first_step_saves_step_1_and_resumes(env, straight, tmp_path):
+  model_dir = str(tmp_path / "model")
+  proc = subprocess.Popen(
+      _command(model_dir),
+      cwd=REPO,
+      env=env,
+      stderr=subprocess.PIPE,
+      stdout=subprocess.DEVNULL,
+      text=True,
+  )
+  log = []
+  for line in proc.stderr:
+    log.append(line)
+    if "starting from step 0" in line:  # Restored nothing yet, the first step not compiled.
+      proc.send_signal(signal.SIGTERM)
+      break
+  log.extend(proc.stderr)
+  assert proc.wait(timeout=120) == 0, "".join(log)[-3000:]
+  assert _steps(model_dir) == [1]
+  assert "Preempted: saved a checkpoint at step 1" in "".join(log)
+  assert os.path.isdir(os.path.join(model_dir, "checkpoints", "1", "input"))
+  _resume_and_compare(env, model_dir, straight, "continuing from step 1")
 
 
 def test_kill_9_after_a_saved_step_resumes_from_it(env, straight, tmp_path):

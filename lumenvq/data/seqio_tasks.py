@@ -287,24 +287,59 @@ def joined_records(
     yield record, hit[1]
 
 
+def _example(task: kilt.KiltTask, record, ids: np.ndarray, table: PassageTable) -> dict[str, Any]:
+  return {
+      "id": record.id,
+      "inputs": task.input_prefix + record.input,
+      "targets": record.answers[0] if record.answers else "",
+      "answers": json.dumps(list(record.answers), ensure_ascii=False),
+      "passage_ids": ids,
+      "passages": np.array([table.text(i) if i >= 0 else "" for i in ids.tolist()], dtype=object),
+  }
+
+
 def kilt_examples(task: kilt.KiltTask, split: str, data: TaskData) -> Iterator[dict[str, Any]]:
   """The examples (strings and numpy, before tokenization) of a task's KILT split; see the module doc."""
   table = data.passage_table()
-  for record, ids in joined_records(
+  for record, ids in _task_records(task, split, data):
+    yield _example(task, record, ids, table)
+
+
+def _task_records(task: kilt.KiltTask, split: str, data: TaskData):
+  return joined_records(
       data.kilt_file(task, split),
       data.retrieval_file(task, split),
-      table,
+      data.passage_table(),
       data.num_passages,
       require_answers=split != "test",
-  ):
-    yield {
-        "id": record.id,
-        "inputs": task.input_prefix + record.input,
-        "targets": record.answers[0] if record.answers else "",
-        "answers": json.dumps(list(record.answers), ensure_ascii=False),
-        "passage_ids": ids,
-        "passages": np.array([table.text(i) if i >= 0 else "" for i in ids.tolist()], dtype=object),
-    }
+  )
+
+
+def indexed_dataset(
+    example: Callable[[int], Mapping[str, Any]], size: int | None, signature: Mapping
+) -> tf.data.Dataset:
+  """Examples `example(0)`, `example(1)`, ... (`size` None: endless) as a tf.data source
+  whose iterators can be checkpointed.
+
+  `tf.data.Dataset.from_generator` keeps its position in a Python generator, which a
+  tf.data iterator checkpoint cannot hold; here the position is the index of a
+  `range`/`counter` dataset and `example` a pure function of it, so a restored iterator
+  (`training/input_checkpoint.py`) continues exactly, in constant time.
+  """
+  keys = sorted(signature)
+
+  def numpy_example(index):
+    values = example(int(index))
+    return [np.asarray(values[k], dtype=signature[k].dtype.as_numpy_dtype) for k in keys]
+
+  def lookup(index):
+    values = tf.numpy_function(
+        numpy_example, [index], [signature[k].dtype for k in keys], stateful=False
+    )
+    return {k: tf.ensure_shape(v, signature[k].shape) for k, v in zip(keys, values)}
+
+  indices = tf.data.Dataset.counter() if size is None else tf.data.Dataset.range(size)
+  return indices.map(lookup)
 
 
 def _dataset_fn(
@@ -321,9 +356,10 @@ def _dataset_fn(
   # Missing files fail here, with plain errors, not inside tf.data (which wraps them) or seqio's tokenizer trace.
   data.kilt_file(task, kilt_split)
   data.retrieval_file(task, kilt_split)
-  data.passage_table()
+  table = data.passage_table()
   data.vocabulary()
   k = data.num_passages
+  records = list(_task_records(task, kilt_split, data))
   scalar = tf.TensorSpec((), tf.string)
   signature = {
       "id": scalar,
@@ -333,9 +369,7 @@ def _dataset_fn(
       "passage_ids": tf.TensorSpec((k,), tf.int32),
       "passages": tf.TensorSpec((k,), tf.string),
   }
-  return tf.data.Dataset.from_generator(
-      lambda: kilt_examples(task, kilt_split, data), output_signature=signature
-  )
+  return indexed_dataset(lambda i: _example(task, *records[i], table), len(records), signature)
 
 
 def tokenize_passages(

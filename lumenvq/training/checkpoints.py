@@ -14,6 +14,7 @@ mesh the restoring job uses.
 import os
 import signal
 import uuid
+from typing import Optional
 
 import gin
 import jax
@@ -22,9 +23,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lumenvq.training import param_io
+from lumenvq.training import input_checkpoint, param_io
 
 ITEMS = ("params", "opt_state", "model_state")
+INPUT_ITEM = "input"  # Every process's input position (input_checkpoint.py).
 
 
 class CheckpointError(ValueError):
@@ -56,7 +58,10 @@ class Checkpointer:
     self.save_every = save_every
     self.manager = ocp.CheckpointManager(
         self.directory,
-        item_handlers={item: ocp.StandardCheckpointHandler() for item in ITEMS},
+        item_handlers={
+            **{item: ocp.StandardCheckpointHandler() for item in ITEMS},
+            INPUT_ITEM: input_checkpoint.InputPositionHandler(),
+        },
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             max_to_keep=keep,
@@ -72,14 +77,17 @@ class Checkpointer:
     """On multiples of `save_every` (orbax alone would also save the first step)."""
     return step % self.save_every == 0
 
-  def save(self, step: int, state) -> None:
-    """Starts saving `state` (a trainer.TrainState) at `step`; returns before it is on disk."""
+  def save(self, step: int, state, input_position: Optional[bytes] = None) -> None:
+    """Starts saving `state` (a trainer.TrainState) at `step`, with this process's
+    `input_position` (every process gives its own); returns before it is on disk."""
     items = dict(
         params=ocp.args.StandardSave({"params": state.params}),
         opt_state=ocp.args.StandardSave(state.opt_state),
     )
     if state.model_state:
       items["model_state"] = ocp.args.StandardSave(state.model_state)
+    if input_position is not None:
+      items[INPUT_ITEM] = input_checkpoint.InputPositionSave(input_position)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def _check_shapes(self, step: int, abstract_state):
@@ -131,6 +139,13 @@ class Checkpointer:
         opt_state=restored["opt_state"] if "opt_state" in items else None,
         model_state=restored["model_state"] if "model_state" in items else {},
     )
+
+  def restore_input_position(self, step: int) -> Optional[bytes]:
+    """This process's input position saved at `step`; None for a checkpoint without one."""
+    if INPUT_ITEM not in self.manager.item_metadata(step):
+      return None
+    args = ocp.args.Composite(**{INPUT_ITEM: input_checkpoint.InputPositionRestore()})
+    return self.manager.restore(step, args=args)[INPUT_ITEM]
 
   def wait(self):
     self.manager.wait_until_finished()

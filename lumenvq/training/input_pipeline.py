@@ -2,9 +2,12 @@
 the model's feature converter, and global jax.Arrays for jit.
 
 Resumption: the training stream is a deterministic function of the seed and
-the step. On restart at step s each process rebuilds its stream (same seed,
-same shard) and skips the s * local_batch examples it had consumed, so the
-batches after a resume are the ones an uninterrupted run would have seen.
+the step. Each checkpoint keeps every process's stream position
+(`input_checkpoint`: the tf.data iterator's state), from which a resumed run
+continues in constant time; without one (an older checkpoint, another number
+of processes) each process rebuilds its stream (same seed, same shard) and
+skips the s * local_batch examples it had consumed. Either way the batches
+after a resume are the ones an uninterrupted run would have seen.
 Each process reads its own shard of the examples (SeqIO `ShardInfo`, one
 shard per position on the mesh's `data` axis, interleaved as
 `tf.data.Dataset.shard` does), so the global batch of a step is the same set
@@ -13,14 +16,13 @@ of examples for any number of processes.
 
 import dataclasses
 import importlib
-import itertools
 from typing import Callable, Iterator, Optional, Sequence
 
 import gin
 import jax
 
 from lumenvq.data import copy_task, kilt, passage_copy_task
-from lumenvq.training import partitioning
+from lumenvq.training import input_checkpoint, partitioning
 
 
 def _is_kilt_name(name: str) -> bool:
@@ -53,7 +55,7 @@ class SeqioSource:
     # A KILT task writes KILT predictions: named after a KILT dataset, or marked.
     self.is_kilt = all(getattr(t, "is_kilt", False) or _is_kilt_name(t.name) for t in tasks)
 
-  def examples(
+  def dataset(
       self,
       split: str,
       *,
@@ -62,8 +64,8 @@ class SeqioSource:
       shuffle: bool = False,
       seed: int = 0,
       repeat: bool = False,
-      skip: int = 0,
-  ) -> Iterator[dict]:
+  ):
+    """This process's shard of `split` as a tf.data dataset (its iterators checkpoint)."""
     shard = self._seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
     ds = self.provider.get_dataset(
         sequence_length=self.feature_lengths,
@@ -79,9 +81,11 @@ class SeqioSource:
     # train run). Reading a demo batch costs about the same without it (0.042 vs 0.038 s).
     options = self._tf.data.Options()
     options.autotune.enabled = False
-    ds = ds.with_options(options)
-    for example in ds.skip(skip).as_numpy_iterator():
-      yield {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
+    return ds.with_options(options)
+
+  def examples(self, split: str, *, skip: int = 0, **kwargs) -> Iterator[dict]:
+    for example in self.dataset(split, **kwargs).skip(skip).as_numpy_iterator():
+      yield input_checkpoint.to_python(example)
 
   def decode(self, ids) -> str:
     return self.provider.output_features["targets"].vocabulary.decode([int(i) for i in ids])
@@ -173,22 +177,33 @@ def train_batches(
     split: str = "train",
     shuffle: bool = False,
     seed: int = 0,
-) -> Iterator[dict]:
-  """This process's rows of the global batches for steps start_step+1, start_step+2, ..."""
-  stream = source.examples(
-      split,
+    position: Optional[bytes] = None,
+) -> input_checkpoint.CheckpointableBatches:
+  """This process's rows of the global batches for steps start_step+1, start_step+2, ...
+
+  `position`: what `.position(start_step)` of the interrupted run's stream returned (saved
+  with its checkpoint), to continue without re-reading the consumed examples.
+  """
+  kwargs = dict(
       shard_index=layout.shard_index,
       num_shards=layout.num_shards,
       shuffle=shuffle,
       seed=seed,
       repeat=True,
-      skip=start_step * layout.local_size,
   )
-  while True:
-    chunk = list(itertools.islice(stream, layout.local_size))
-    if len(chunk) < layout.local_size:
-      raise ValueError(f"split {split!r} of {source.name} ran out of examples")
-    yield convert(chunk)
+  dataset = None
+  if hasattr(source, "dataset"):
+    dataset = lambda skip: source.dataset(split, **kwargs).skip(skip)
+
+  return input_checkpoint.CheckpointableBatches(
+      lambda skip: source.examples(split, skip=skip, **kwargs),
+      dataset,
+      convert,
+      layout.local_size,
+      start_step,
+      position,
+      what=f"split {split!r} of {source.name}",
+  )
 
 
 def eval_batches(

@@ -1,0 +1,99 @@
+"""Input throughput per host: examples/s of kilt_nq-shaped training input.
+
+  python benchmarks/input_pipeline.py [--batches 40] [--warmup 40] [--words 190] [--data DIR]
+
+The demo world's `lumenvq_demo_nq` task (one process, batch 32, shuffled, seed 0) with
+K = 20 retrieved passages of about 256 tokens (passages of --words words; the table prints
+the measured mean): the shape of `kilt_nq` training input. Stages, each timed through the
+training stream (`input_pipeline.train_batches`) after --warmup batches (the shuffle buffer
+filled), in examples/s:
+
+  source      the task's source only: KILT record + retrieval ids + passage texts (no seqio)
+  seqio       + tokenization of question, answer and the 20 passages (seqio preprocessors)
+  tokens      + the reader's feature converter cutting passages to 256 tokens: the token path
+  ids         the stored-memory path: passage ids instead of passage tokens
+
+Prints a table and writes benchmarks/results/input_pipeline.json.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # pylint: disable=wrong-import-position
+
+from lumenvq.model import reader_models  # pylint: disable=wrong-import-position
+from lumenvq.training import input_checkpoint, input_pipeline  # pylint: disable=wrong-import-position
+
+TASK, LENGTHS, BATCH, K, PASSAGE_LENGTH = (
+    "lumenvq_demo_nq",
+    {"inputs": 32, "targets": 16},
+    32,
+    20,
+    256,
+)
+
+
+def _rate(stream, warmup: int, batches: int) -> float:
+  for _ in range(warmup):
+    next(stream)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(stream)
+  return batches * BATCH / (time.perf_counter() - start)
+
+
+def _batches(examples):
+  """Lists of BATCH examples (the stages before the feature converter)."""
+  while True:
+    yield [next(examples) for _ in range(BATCH)]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batches", type=int, default=40, help="timed batches per stage")
+  parser.add_argument("--warmup", type=int, default=40, help="untimed batches first")
+  report.add_demo_arguments(parser, words=190)
+  args = parser.parse_args()
+  source = report.demo_task_source(args, TASK, LENGTHS)
+  task = source.provider
+  kwargs = dict(shuffle=True, seed=0, repeat=True)
+  layout = input_pipeline.DataLayout(BATCH, 0, BATCH)
+
+  def stream(passage_ids):
+    convert = reader_models.ReaderFeatureConverter(LENGTHS, K, PASSAGE_LENGTH, passage_ids)
+    return input_pipeline.train_batches(source, convert, layout, 0, **kwargs)
+
+  raw = task.source.get_dataset("train", shuffle=False).repeat()
+  tokens_per_passage = np.mean(
+      [
+          (np.asarray(e["passage_tokens"]) > 0).sum(-1).mean()
+          for e in source.examples("train", shuffle=False)
+          if e["passage_ids"][0] >= 0
+      ][:200]
+  )
+  stages = {
+      "source": _batches(
+          input_checkpoint.to_python(e) for e in raw.as_numpy_iterator()  # pylint: disable=g-complex-comprehension
+      ),
+      "seqio": _batches(source.examples("train", **kwargs)),
+      "tokens": stream(False),
+      "ids": stream(True),
+  }
+  rows = []
+  for name, batches in stages.items():
+    rate = _rate(batches, args.warmup, args.batches)
+    rows.append(dict(stage=name, examples_per_s=rate, cores=os.cpu_count()))
+  report.print_table(rows, ["stage", "examples_per_s", "cores"])
+  print(f"K={K} passages per example, {tokens_per_passage:.0f} tokens per passage on average")
+  report.write_results(
+      "input_pipeline", rows, tokens_per_passage=float(tokens_per_passage), settings=vars(args)
+  )
+
+
+if __name__ == "__main__":
+  main()
