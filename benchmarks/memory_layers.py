@@ -1,7 +1,7 @@
 """memory+ layers: lookup throughput of the embedding bag, and closed-book factual recall.
 
     .venv/bin/python benchmarks/memory_layers.py [--part lookup|recall|all]
-        [--steps 500] [--seeds 2] [--num_entities 400] [--pq_steps 50]
+        [--steps 500] [--seeds 2] [--num_entities 800] [--pq_steps 50]
 
 Lookup: tokens/s and effective GB/s of value bytes read (T tokens x heads*knn rows x value
 dim x 4 B) of `embedding_bag` (model/embedding_bag.py) against a plain `jnp.take` + weighted
@@ -366,7 +366,7 @@ def main():
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--value_dim", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--num_entities", type=int, default=400)
+  parser.add_argument("--num_entities", type=int, default=800)
   parser.add_argument("--steps", type=int, default=500)
   parser.add_argument("--pq_steps", type=int, default=50)
   parser.add_argument("--seeds", type=int, default=2)

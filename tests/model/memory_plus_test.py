@@ -75,7 +75,8 @@ def test_shared_pool_is_one_table_and_per_layer_pools_are_one_each():
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2), (2, 4)])
 def test_same_loss_and_gradients_on_1_2_and_8_devices(mesh_shape):
-  cfg = _config()
+  one_layer = {**BASE, "num_encoder_layers": 1, "num_decoder_layers": 1}
+  cfg = T5Config(**one_layer, memory_plus=MemoryPlusConfig(**{**PLUS, "encoder_layers": (0,)}))
   tokens = _tokens()
   params = nn.unbox(network.init_variables(cfg, jax.random.PRNGKey(0))["params"])
   module = network.Transformer(cfg)
