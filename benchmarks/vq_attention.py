@@ -1,18 +1,18 @@
 """VQ attention vs dense attention: time and peak memory vs length, and quality.
 
-  python benchmarks/vq_attention.py            # default: <= ~15 min on 2 busy cores
-  python benchmarks/vq_attention.py --recall_length 4096 --lm_length 4096 \
-      --recall_steps 2000 --lm_steps 2000 --batch_size 8 --seeds 3   # quality that learns
+  python benchmarks/vq_attention.py            # speed and memory: ~10-17 min on 2 busy cores
+  python benchmarks/vq_attention.py --quality --recall_length 4096 --lm_length 4096 \
+      --recall_steps 2000 --lm_steps 2000 --batch_size 8 --seeds 3   # + quality that learns
 
 1. Speed: one causal self-attention layer (projections included) of the T5 network,
    `decoder_self_attention='vq'` vs 'dense', same shape, float32 on CPU: forward and
    forward+backward seconds, and XLA's compiled peak memory (temp + output bytes from
    `memory_analysis()`); dense runs only where its compiled memory fits --dense_limit_gb.
    The log-log slope of vq time vs length (target <= 1.1) and dense/vq at 8k (target >= 3x).
-2. Associative recall over --recall_length tokens (multi-query, Zoology's MQAR): key-value
+2. (--quality) Associative recall over --recall_length tokens (multi-query, Zoology's MQAR): key-value
    pairs, filler, then the keys again; accuracy on the recalled values of a 2-layer decoder
    trained the same steps with dense and with vq self-attention, over --seeds seeds.
-3. Bits per byte of the same decoder as a byte LM on long documents: the demo world's
+3. (--quality) Bits per byte of the same decoder as a byte LM on long documents: the demo world's
    pages (`lumenvq.data.demo_world`) joined into one text, cut into --lm_length windows,
    the last tenth held out.
 
@@ -60,7 +60,9 @@ def _flags():
   p.add_argument("--quality_block_length", type=int, default=128)
   p.add_argument("--quality_num_codes", type=int, default=64)
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--skip_quality", action="store_true")
+  p.add_argument(
+      "--quality", action="store_true", help="also train the quality comparisons (slow on CPU)"
+  )
   return p.parse_args()
 
 
@@ -337,7 +339,7 @@ def main():
   # Written now and again after the quality runs: the speed table survives an interrupt.
   report.write_results("vq_attention", rows, quality=[], summary=summary, flags=vars(flags))
   _plot(rows)
-  if not flags.skip_quality:
+  if flags.quality:
     quality_rows = quality(flags)
     report.print_table(
         quality_rows, ["task", "attention", "seed", "steps", "accuracy", "bits_per_byte", "s"]

@@ -1,8 +1,10 @@
 """VQ attention: exact against dense attention when keys are codewords; decoding; meshes."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,18 @@ def test_lumen_reader_with_vq_encoder_trains(arch="lumen"):
   layers = state.model_state["quantizer"]["encoder"]
   assert sorted(layers) == ["layers_0", "layers_1"]
   assert bool(layers["layers_1"]["attention"]["vq"]["key_quantizer"]["initialized"])
+
+
+def test_gin_files_set_vq_in_both_stacks():
+  repo = os.path.join(os.path.dirname(__file__), "..", "..")
+  try:
+    gin.clear_config()
+    gin.add_config_file_search_path(repo)
+    with gin.unlock_config():
+      for name in ("models/tiny.gin", "architectures/vq_attention.gin"):
+        gin.parse_config_file(os.path.join(repo, "gin_configs", name))
+      config = T5Config()
+    assert (config.encoder_attention, config.decoder_self_attention) == ("vq", "vq")
+    assert config.vq_attention == VQAttentionConfig(512, 512, 1e-4, 0.99, 0.01)
+  finally:
+    gin.clear_config()
