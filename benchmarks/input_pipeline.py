@@ -77,9 +77,7 @@ def main():
       [(np.asarray(e["passage_tokens"]) > 0).sum(-1).mean() for e in itertools.islice(real, 100)]
   )
   stages = {
-      "source": _batches(
-          input_checkpoint.to_python(e) for e in raw.as_numpy_iterator()  # pylint: disable=g-complex-comprehension
-      ),
+      "source": _batches(input_checkpoint.to_python(e) for e in raw.as_numpy_iterator()),
       "seqio": _batches(source.examples("train", **kwargs)),
       "tokens": stream(False),
       "ids": stream(True),
