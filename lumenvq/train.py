@@ -4,10 +4,11 @@ r"""Train a model on a SeqIO task or mixture, T5X-style.
         --gin.MODEL_DIR="'/tmp/x'" --gin.TRAIN_STEPS=20
 
 Resumes from the latest checkpoint in MODEL_DIR/checkpoints, the data stream
-from the position saved with it (`training/input_checkpoint.py`). SIGTERM saves a checkpoint at the current step and exits
-0. A non-finite loss, gradient or parameter norm stops with the step number
-before anything from that step is saved, so the last good checkpoint stays
-the latest. MODEL_DIR gets config.gin, checkpoints/, and TensorBoard events
+from the position saved with it (`training/input_checkpoint.py`). SIGTERM
+saves a checkpoint at the current step and exits 0 (one that comes before
+the first step: after that step). A non-finite loss, gradient or parameter
+norm stops with the step number before anything from that step is saved, so
+the last good checkpoint stays the latest. MODEL_DIR gets config.gin, checkpoints/, and TensorBoard events
 in train/ and eval/.
 """
 

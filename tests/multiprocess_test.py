@@ -37,6 +37,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _env(tmp_path):
+  return dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+
+
 def _launch(model_dir, steps, env, extra=()):
   port = _free_port()
   return [
@@ -96,14 +107,7 @@ def _train_in_process(model_dir, steps):
 
 
 def test_two_processes_train_save_restore_preempt_and_match_one(tmp_path):
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+  env = _env(tmp_path)
   multi = tmp_path / "multi"
   logs = _finish(_launch(multi, 3, env))
   assert all("jax.distributed.initialize(localhost" in log for log in logs)
@@ -136,14 +140,7 @@ def test_two_processes_train_save_restore_preempt_and_match_one(tmp_path):
 
 
 def test_two_processes_killed_with_9_resume_to_the_uninterrupted_params(tmp_path):
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+  env = _env(tmp_path)
   # Each process's stream is its shard of a shuffled tf.data pipeline: the input position
   # saved per process is the tf.data iterator's (training/input_checkpoint.py).
   extra = [

@@ -158,8 +158,8 @@ def _resume_and_compare(env, model_dir, straight, expected_log):
   _assert_same_run(model_dir, straight)
 
 
-def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path):
-  model_dir = str(tmp_path / "model")
+def _sigterm_when(env, model_dir, marker):
+  """Trains in `model_dir`, sends SIGTERM once a log line has `marker`; the whole log (exit 0)."""
   proc = subprocess.Popen(
       _command(model_dir),
       cwd=REPO,
@@ -171,15 +171,21 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path)
   log = []
   for line in proc.stderr:
     log.append(line)
-    if " step 3: " in line:
+    if marker in line:
       proc.send_signal(signal.SIGTERM)
       break
   log.extend(proc.stderr)
   assert proc.wait(timeout=120) == 0, "".join(log)[-3000:]
+  return "".join(log)
+
+
+def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path):
+  model_dir = str(tmp_path / "model")
+  log = _sigterm_when(env, model_dir, " step 3: ")
   saved = _steps(model_dir)[-1]
   print(f"SIGTERM after step 3 was logged: saved step {saved}")
   assert 3 <= saved < STEPS, f"the run was not interrupted early enough (saved {saved})"
-  assert f"Preempted: saved a checkpoint at step {saved}" in "".join(log)
+  assert f"Preempted: saved a checkpoint at step {saved}" in log
   _resume_and_compare(
       env, model_dir, straight, f"continuing from step {saved} to TRAIN_STEPS={STEPS}"
   )
@@ -187,24 +193,10 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(env, straight, tmp_path)
 
 def test_sigterm_before_the_first_step_saves_step_1_and_resumes(env, straight, tmp_path):
   model_dir = str(tmp_path / "model")
-  proc = subprocess.Popen(
-      _command(model_dir),
-      cwd=REPO,
-      env=env,
-      stderr=subprocess.PIPE,
-      stdout=subprocess.DEVNULL,
-      text=True,
-  )
-  log = []
-  for line in proc.stderr:
-    log.append(line)
-    if "starting from step 0" in line:  # Restored nothing yet, the first step not compiled.
-      proc.send_signal(signal.SIGTERM)
-      break
-  log.extend(proc.stderr)
-  assert proc.wait(timeout=120) == 0, "".join(log)[-3000:]
+  # Restored nothing yet, the first step not compiled.
+  log = _sigterm_when(env, model_dir, "starting from step 0")
   assert _steps(model_dir) == [1]
-  assert "Preempted: saved a checkpoint at step 1" in "".join(log)
+  assert "Preempted: saved a checkpoint at step 1" in log
   assert os.path.isdir(os.path.join(model_dir, "checkpoints", "1", "input"))
   _resume_and_compare(env, model_dir, straight, "continuing from step 1")
 

@@ -15,8 +15,10 @@ indices (no example is made for them).
 A position also holds the batches this process has pulled but not yet trained on (the
 memory host reader reads ahead), so a resumed stream gives those first.
 
-Checkpoints without an `input` item (older ones) or saved by another number of processes
-resume as before this module: rebuilding the stream and skipping the consumed examples.
+Checkpoints without an `input` item (older ones), saved by another number of processes, or
+continued with another stream (another task or split, shuffle, seed, backend, rows per
+process: the demo's curriculum switches mixture) resume as before this module: rebuilding the
+stream and skipping the consumed examples.
 """
 
 import collections
@@ -43,8 +45,6 @@ def to_python(example: dict) -> dict:
 class _TfdataExamples:
   """Examples of a tf.data dataset; `state()` is the iterator's, as bytes."""
 
-  kind = "tfdata"
-
   def __init__(self, dataset, state: Optional[bytes]):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only SeqIO sources need it)
 
@@ -64,8 +64,6 @@ class _TfdataExamples:
 
 class _IndexedExamples:
   """Examples of a source that is a pure function of the index; the state is their count."""
-
-  kind = "indexed"
 
   def __init__(self, examples: Callable, consumed: int):
     self.consumed = consumed
@@ -115,15 +113,26 @@ class CheckpointableBatches:
     self._given = collections.deque(maxlen=MAX_AHEAD)  # (step, batch) handed out lately.
     saved = _unpack(position) if position is not None else None
     kind = "indexed" if dataset is None else "tfdata"
+    self._stream = f"{kind} {what}, {local_size} rows per batch"
+    if saved is not None and int(saved["step"]) != start_step:
+      raise ValueError(
+          f"the saved input position is at step {saved['step']}, but this run resumes at "
+          f"step {start_step}"
+      )
+    if saved is not None and str(saved["stream"]) != self._stream:
+      # Another task or setting continues the run (the demo's curriculum switches mixture):
+      # its stream starts where an uninterrupted stream of its own would be, as before.
+      logging.warning(
+          "the input position saved at step %d is of %s, not of %s: skipping to the step",
+          start_step,
+          saved["stream"],
+          self._stream,
+      )
+      saved = None
     self._replay = []
     if saved is None:
       self._skip, state = start_step * local_size, None
     else:
-      if str(saved["kind"]) != kind or int(saved["step"]) != start_step:
-        raise ValueError(
-            f"the saved input position is a {saved['kind']} position at step {saved['step']}, "
-            f"but this run resumes a {kind} source at step {start_step}"
-        )
       self._skip, state = int(saved["skip"]), saved["state"].tobytes()
       self._replay = [
           {k[len(f"{j}/") :]: v for k, v in saved.items() if k.startswith(f"{j}/")}
@@ -162,7 +171,7 @@ class CheckpointableBatches:
           f"batches beyond the checkpoint at step {step} (read_ahead too large?)"
       )
     arrays = {
-        "kind": np.asarray(self._examples.kind),
+        "stream": np.asarray(self._stream),
         "step": np.asarray(step),
         "skip": np.asarray(self._skip),
         "state": np.frombuffer(self._examples.state(), np.uint8),

@@ -202,7 +202,10 @@ def train_batches(
       layout.local_size,
       start_step,
       position,
-      what=f"split {split!r} of {source.name}",
+      what=(
+          f"split {split!r} of {source.name} (shard {layout.shard_index} of "
+          f"{layout.num_shards}, shuffle={shuffle}, seed={seed})"
+      ),
   )
 
 

@@ -77,16 +77,28 @@ def test_numpy_source_resumes_exactly():
   _assert_same(got, want[2:7])
 
 
-def test_position_of_another_step_or_source_is_refused(seqio_source):
+def test_position_of_another_step_is_refused(seqio_source):
+  layout = _layout()
+  stream = input_pipeline.train_batches(seqio_source, CONVERT, layout, 0)
+  next(stream)
+  with pytest.raises(ValueError, match="position is at step 1, but this run resumes at step 2"):
+    input_pipeline.train_batches(seqio_source, CONVERT, layout, 2, position=stream.position(1))
+
+
+def test_another_stream_skips_to_the_step_as_before(seqio_source):
+  """A run continued on another task or setting (the demo's curriculum switches mixture)."""
   layout = _layout()
   stream = input_pipeline.train_batches(seqio_source, CONVERT, layout, 0)
   next(stream)
   position = stream.position(1)
-  with pytest.raises(ValueError, match="tfdata position at step 1, but .* at step 2"):
-    input_pipeline.train_batches(seqio_source, CONVERT, layout, 2, position=position)
-  numpy_source = input_pipeline.get_source("lumenvq_debug_copy", LENGTHS, backend="numpy")
-  with pytest.raises(ValueError, match="but this run resumes a indexed source"):
-    input_pipeline.train_batches(numpy_source, CONVERT, layout, 1, position=position)
+  for source, kwargs in [
+      (input_pipeline.get_source("lumenvq_debug_reverse", LENGTHS, backend="seqio"), {}),
+      (seqio_source, SHUFFLED),
+      (input_pipeline.get_source("lumenvq_debug_copy", LENGTHS, backend="numpy"), {}),
+  ]:
+    skipped = input_pipeline.train_batches(source, CONVERT, layout, 1, **kwargs)
+    resumed = input_pipeline.train_batches(source, CONVERT, layout, 1, position=position, **kwargs)
+    _assert_same([next(resumed), next(resumed)], [next(skipped), next(skipped)])
 
 
 def test_checkpointer_keeps_the_position_per_process(tmp_path, seqio_source):
