@@ -15,6 +15,7 @@ the machine's conditions) and decode time per eval example (after the first batc
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -91,11 +92,9 @@ def _storage(gin_file: str) -> tuple:
   cfg, reader = model.config, model.reader
   if reader.architecture == "fid":
     return None, None  # FiD keeps no memory: every passage is re-encoded per question.
-  per_token = (
-      reader.memory_bytes_per_token(cfg) if reader.architecture == "lumen_vq" else 2 * cfg.emb_dim
-  )  # Float memory is stored as bf16.
-  kept = reader.memory_length / reader.passage_length  # LUMEN-Light keeps M of Lp tokens.
-  return per_token * kept, 2 * cfg.emb_dim / (per_token * kept)
+  # Per passage token (LUMEN-Light keeps M of Lp); float memory is stored as bf16.
+  per_token = reader.memory_bytes_per_token(dataclasses.replace(cfg, dtype="bfloat16"))
+  return per_token, 2 * cfg.emb_dim / per_token
 
 
 def main(argv=None):

@@ -58,6 +58,11 @@ def store_layout(model, variables, dtype) -> dict:
         "passages per question, there is no memory to precompute"
     )
   if reader.architecture != "lumen_vq":
+    if reader.token_pruning is not None:
+      raise PrecomputeError(
+          f"ReaderConfig.token_pruning with architecture={reader.architecture!r}: a pruned "
+          "store keeps each token's position beside its codes, so it stores lumen_vq codes"
+      )
     return dict(
         kind="vectors",
         passage_length=reader.memory_length,
@@ -76,9 +81,10 @@ def store_layout(model, variables, dtype) -> dict:
   return dict(
       kind="codes",
       passage_length=reader.memory_length,
-      width=r * g,
+      width=reader.stored_width(t5.emb_dim),
       dtype=pq_codec.code_dtype(reader.codebook_size),
       num_residual=r,
+      positions=reader.stores_positions,
       codebooks=codebooks,
   )
 
@@ -92,8 +98,10 @@ def memory_step(model, layout: dict, mesh):
     memory = model.module.apply(
         variables, tokens, return_codes=codes, method=readers.Reader.compute_memory
     )
-    values = memory.codes if codes else memory.vectors.astype(layout["dtype"])
-    values = values.reshape(*values.shape[:2], layout["width"])  # [..., R, G] -> R*G
+    if codes:  # [..., R, G] -> R*G, after the position when pruned.
+      values = readers.code_rows(memory, layout["width"])
+    else:
+      values = memory.vectors.astype(layout["dtype"])
     values = jnp.where(memory.mask[..., None], values, jnp.zeros((), values.dtype))
     return values, jnp.sum(memory.mask, axis=-1, dtype=jnp.int32)
 
@@ -198,7 +206,7 @@ def precompute(
     checkpoint_path: Optional[str] = None,
     shard_passages: int = 4096,
     dtype: str = "bfloat16",
-    progress: bool = True
+    progress: bool = True,
 ) -> str:
   """Writes (or completes) the memory store at `store_path`; returns its path.
 

@@ -40,7 +40,7 @@ def _check_finite(pending: list) -> None:
   pending.clear()
 
 
-def _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps):
+def _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps, fallback_to_scratch):
   start = ckpt.latest_step()
   if start is not None:
     logging.info(
@@ -53,7 +53,10 @@ def _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps):
     return ckpt.restore(trainer.abstract_state(), start), start
   if initial_checkpoint_path:
     logging.info("Initialising parameters from %s", initial_checkpoint_path)
-    params = checkpoints.restore_param_dir(initial_checkpoint_path, trainer.abstract_state().params)
+    fresh = trainer.init_state().params if fallback_to_scratch else None
+    params = checkpoints.restore_param_dir(
+        initial_checkpoint_path, trainer.abstract_state().params, fresh
+    )
     return trainer.init_state(params), 0
   logging.info("No checkpoint in %s: starting from step 0", ckpt.directory)
   return trainer.init_state(), 0
@@ -76,8 +79,13 @@ def train(
     eval_batch_size: Optional[int] = None,
     max_eval_examples: Optional[int] = None,
     initial_checkpoint_path: Optional[str] = None,
+    fallback_to_scratch: bool = False,
 ) -> int:
-  """Trains to `train_steps`; returns the step reached (lower when preempted)."""
+  """Trains to `train_steps`; returns the step reached (lower when preempted).
+
+  `fallback_to_scratch`: parameters `initial_checkpoint_path` lacks start fresh (T5X's
+  RestoreCheckpointConfig.fallback_to_scratch; e.g. a pruned reader's importance head when
+  it starts from LUMEN) instead of being an error."""
   model_dir = checkpoints.check_writable(model_dir)
   mesh = partitioning.make_mesh()
   rules = partitioning.standard_logical_axis_rules()
@@ -91,7 +99,9 @@ def train(
   watcher = checkpoints.PreemptionWatcher()
   try:
     feed = memory_feed.attach(trainer)  # Stored memory: its table, codebooks, host reads.
-    state, step = _initial_state(trainer, ckpt, initial_checkpoint_path, train_steps)
+    state, step = _initial_state(
+        trainer, ckpt, initial_checkpoint_path, train_steps, fallback_to_scratch
+    )
     source = source_fn(task_feature_lengths=task_feature_lengths)
     stream = input_pipeline.train_batches(
         source,

@@ -10,6 +10,7 @@ stored_memory_test checks the readers on a store written directly through Memory
 precompute_memory_test the stored codes; here the two meet through real files.
 """
 
+import dataclasses
 import os
 
 import gin
@@ -22,7 +23,9 @@ from lumenvq import precompute_memory
 from lumenvq.data import demo, kilt, passages, retrieve, vocab
 from lumenvq.data.passage_table import PassageTable
 from lumenvq.memory import memory_feed
+from lumenvq.memory.memory_store import StoreError
 from lumenvq.model import reader_models, stored_memory
+from lumenvq.model.token_pruning import TokenPruning
 from lumenvq.training import checkpoints, evaluation, input_pipeline, optimizers, partitioning, trainer
 
 TASK = "lumenvq_demo_nq"
@@ -37,10 +40,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 GIN_FILES = ["gin_configs/models/tiny.gin", "gin_configs/architectures/lumen_vq.gin"]
+# Variable-rate memory: half of each passage's tokens, chosen by a learned score; the store
+# keeps their positions beside their codes.
+PRUNED = [
+    "ReaderConfig.token_pruning = @TokenPruning()",
+    "TokenPruning.method = 'learned'",
+    "TokenPruning.budget = 0.5",
+]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, reader_from_gin):
+@pytest.fixture(scope="module", params=["plain", "pruned"])
+def world(request, tmp_path_factory, reader_from_gin):
   """The demo world's files where the demo tasks find them (LUMENVQ_DEMO_DIR), a checkpoint
   at STEP, and the store precompute_memory made from it."""
   root = tmp_path_factory.mktemp("e2e")
@@ -59,7 +69,9 @@ def world(tmp_path_factory, reader_from_gin):
       k=K,
       progress=False,
   )
-  model = reader_from_gin(GIN_FILES, BINDINGS)  # d = 64: G = 4 subspaces, C = 16 codes.
+  pruned = request.param == "pruned"
+  # d = 64: G = 4 subspaces, C = 16 codes.
+  model = reader_from_gin(GIN_FILES, BINDINGS + (PRUNED if pruned else []))
   with pytest.MonkeyPatch.context() as env:
     env.setenv("LUMENVQ_DEMO_DIR", data)
     with gin.unlock_config():
@@ -95,6 +107,8 @@ def world(tmp_path_factory, reader_from_gin):
           progress=False,
       )
       yield dict(
+          mesh=t.mesh,
+          rules=t.rules,
           model=model,
           source=source,
           model_dir=str(root / "model"),
@@ -147,7 +161,11 @@ def test_the_precomputed_store_predicts_as_computed_memory(world, computed, read
   assert feed.store.fingerprint["checkpoint_step"] == STEP
   assert len(texts) == 12 and texts == want_texts
   assert float(sums["weight"]) == float(want_sums["weight"]) > 0
-  assert float(sums["tokens"]) == float(want_sums["tokens"])  # Memory tokens = passage tokens.
+  if world["model"].reader.token_pruning is None:  # Memory tokens = passage tokens.
+    assert float(sums["tokens"]) == float(want_sums["tokens"])
+  else:  # The memory encoder reads every passage token; the store holds the kept ones.
+    assert float(sums["weight"]) < float(sums["tokens"]) < float(want_sums["tokens"])
+    assert feed.store.positions and feed.store.passage_length == LP // 2
   assert float(sums["correct"]) == float(want_sums["correct"])
   np.testing.assert_allclose(float(sums["loss"]), float(want_sums["loss"]), rtol=1e-5)
 
@@ -157,3 +175,16 @@ def test_other_passages_memory_changes_the_loss(world, computed):
   _, sums, _ = _evaluate(world, "host", roll=1)
   # 3e-4 relative after one training step: well outside the 1e-5 the readers agree within.
   assert abs(float(sums["loss"]) / float(computed[1]["loss"]) - 1) > 1e-4
+
+
+def test_a_store_of_other_pruning_is_refused_by_name(world):
+  base = world["model"]
+  other = None if base.reader.token_pruning is not None else TokenPruning(budget=1.0)
+  model = reader_models.ReaderModel(
+      base.config,
+      dataclasses.replace(base.reader, token_pruning=other),
+      memory=stored_memory.MemorySource("device", world["store"]),
+  )
+  field = "memory_length" if other is None else "token_pruning"  # Pruned reads the plain one.
+  with pytest.raises(StoreError, match=f"fingerprint field '{field}'"):
+    memory_feed.open_feed(model, world["mesh"], world["rules"], STEP)

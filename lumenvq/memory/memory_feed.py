@@ -82,6 +82,13 @@ def open_feed(model, mesh, rules, checkpoint_step: Optional[int] = None) -> Memo
   store = memory_store.MemoryStore.open(
       source.path, expected_fingerprint=expected_fingerprint(model, source, checkpoint_step)
   )
+  if store.positions != model.reader.stores_positions:
+    have = "keeps" if store.positions else "has no"
+    raise memory_store.StoreError(
+        f"memory store {source.path} {have} token positions, but ReaderConfig.token_pruning="
+        f"{model.reader.token_pruning}: a pruned reader reads a store of pruned memory (its "
+        "tokens' positions beside their codes) and an unpruned one a store without"
+    )
   constants = {}
   if store.codebooks is not None:
     constants["codebooks"] = _codebooks(store.codebooks, mesh, rules)

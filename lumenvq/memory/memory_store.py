@@ -7,7 +7,11 @@ A store is a tensorstore kvstore prefix (a local directory, or `gs://bucket/pref
               `fingerprint` of what made it (checkpoint step, architecture, quantizer,
               vocabulary and passage table hashes); written when the store is created
   values/     zarr v3 [num_passages, passage_length, width]: uint8/uint16 codes (width R*G)
-              or float vectors (width d); positions past a passage's length are zero
+              or float vectors (width d); positions past a passage's length are zero. A
+              store of pruned memory (`positions` in store.json) keeps per token its
+              position in the passage and then its codes (width 1 + R*G): its
+              passage_length is the kept length M, and rows hold each passage's M kept
+              tokens (fewer for shorter passages, `lengths`)
   lengths/    zarr v3 int32 [num_passages]: real tokens per passage; `open` reads it whole
               into host memory (4 bytes a passage: 400 MB for 1e8 passages), so a read of
               passages makes one tensorstore call, of their values only
@@ -78,9 +82,10 @@ def _differences(stored: dict, wanted: dict) -> list:
   ]
 
 
-def _check_codebooks(path, codebooks, width, dtype, num_residual):
-  """Codebooks [G, C, s] (R = 1) or [R, G, C, s] whose R*G is the code width and whose C
-  needs exactly the code dtype."""
+def _check_codebooks(path, codebooks, width, dtype, num_residual, positions=False):
+  """Codebooks [G, C, s] (R = 1) or [R, G, C, s] whose R*G is the code width (after the
+  position column when `positions`) and whose C needs exactly the code dtype."""
+  width -= int(positions)
   want_ndim = 3 if num_residual == 1 else 4
   if codebooks is None or codebooks.ndim != want_ndim:
     shape = None if codebooks is None else tuple(codebooks.shape)
@@ -95,7 +100,7 @@ def _check_codebooks(path, codebooks, width, dtype, num_residual):
     raise StoreError(
         f"memory store {path}: codebooks of shape {tuple(codebooks.shape)} do not "
         f"match the codes: width {width} = R*G with R = num_residual = "
-        f"{num_residual}"
+        f"{num_residual}" + (" (after the position column)" if positions else "")
     )
   try:
     code_dtype = pq_codec.code_dtype(c)
@@ -158,6 +163,7 @@ class MemoryStore:
     self.width = int(meta["width"])
     self.dtype = _dtype(meta["dtype"])
     self.num_residual = int(meta["num_residual"])
+    self.positions = bool(meta.get("positions", False))  # Stores before it had none.
     self.shard_passages = int(meta["shard_passages"])
     self.fingerprint = meta["fingerprint"]
     self.num_shards = math.ceil(self.num_passages / self.shard_passages)
@@ -223,6 +229,7 @@ class MemoryStore:
       codebooks=None,
       num_residual=1,
       shard_passages=4096,
+      positions=False,
   ) -> "MemoryStore":
     """A new empty store; or, when `path` already holds one with the same metadata (and
     codebooks), that store with its finished shards (a resumed precompute). A store with
@@ -241,11 +248,12 @@ class MemoryStore:
         raise StoreError(f"memory store {path}: {name}={value} must be >= 1")
     if kind == "codes":
       codebooks = np.asarray(codebooks, np.float32) if codebooks is not None else None
-      _check_codebooks(path, codebooks, width, dtype, num_residual)
+      _check_codebooks(path, codebooks, width, dtype, num_residual, positions)
     else:
-      if codebooks is not None or num_residual != 1:
+      if codebooks is not None or num_residual != 1 or positions:
         raise StoreError(
-            f"memory store {path}: kind='vectors' takes no codebooks and " "num_residual=1"
+            f"memory store {path}: kind='vectors' takes no codebooks, num_residual=1 and "
+            "no positions"
         )
       if not np.issubdtype(dtype, np.floating) and dtype != np.dtype(ml_dtypes.bfloat16):
         raise StoreError(
@@ -262,6 +270,7 @@ class MemoryStore:
             "shard_passages": int(shard_passages),
             "num_residual": int(num_residual),
             "fingerprint": fingerprint,
+            **({"positions": True} if positions else {}),
         }
     )
     kv = ts.KvStore.open(kvstore_spec(path)).result()
@@ -402,7 +411,9 @@ class MemoryStore:
         )
     if store.kind == "codes":
       store.codebooks = store._read_codebooks()
-      _check_codebooks(path, store.codebooks, store.width, store.dtype, store.num_residual)
+      _check_codebooks(
+          path, store.codebooks, store.width, store.dtype, store.num_residual, store.positions
+      )
     store._check_shard_files()
     try:
       store._all_lengths = store._lengths.read().result()
@@ -440,8 +451,8 @@ class MemoryStore:
   def _shape(self, lead) -> tuple:
     tail = (
         (self.num_residual, self.width // self.num_residual)
-        if self.num_residual > 1
-        else (self.width,)
+        if self.num_residual > 1 and not self.positions
+        else (self.width,)  # With positions: the rows as written, [position, codes].
     )
     return (*lead, self.passage_length, *tail)
 

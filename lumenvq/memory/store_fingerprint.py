@@ -35,6 +35,9 @@ def fingerprint_for(model, checkpoint_step, vocabulary_path, passage_table_dir) 
       "passage_length": reader.passage_length,
       "memory_length": reader.memory_length,
       "quantizer": quantizer,
+      "token_pruning": (
+          None if reader.token_pruning is None else reader.token_pruning.as_fingerprint()
+      ),
       "vocabulary_sha256": (
           None
           if vocabulary_path is None

@@ -231,11 +231,16 @@ class EncoderDecoderModel:
         "tokens": weight + self.input_token_count(batch),
     }
     metrics.update(self.intermediate_metrics(intermediates, weight))
-    commitment, vq_metrics = vq_attention.training_terms(intermediates, weight)
-    if vq_metrics:  # VQ attention's keys: their commitment loss trains with the tokens'.
-      loss = loss + commitment
-      metrics.update(vq_metrics)
+    extra, extra_metrics = self.auxiliary_loss(intermediates, weight)
+    if extra is not None:
+      loss = loss + extra
+      metrics.update(extra_metrics)
     return loss, (metrics, new_state)
+
+  def auxiliary_loss(self, intermediates, weight) -> tuple:
+    """(loss term or None, metric sums) from what the module sowed, x the loss weight: VQ
+    attention's commitment loss, which trains with the tokens' loss."""
+    return vq_attention.training_terms(intermediates, weight)
 
   def eval_fn(self, params, batch, model_state=None):
     """Teacher-forced metric sums without dropout; the model state is only read."""

@@ -15,6 +15,7 @@ import gin
 import numpy as np
 
 from lumenvq.model.network_config import T5Config
+from lumenvq.model.token_pruning import TokenPruning
 from lumenvq.quant import pq_codec
 
 ARCHITECTURES = ("fid", "lumen", "lumen_vq", "lumen_light")
@@ -39,6 +40,8 @@ class ReaderConfig:
     ema_decay, dead_code_threshold: the quantizer's EMA decay and dead-code reset level.
     light_length: M memory tokens kept per passage by lumen_light.
     freeze_memory_encoder: the trainer freezes `memory_encoder_param_regex` when set.
+    token_pruning: variable-rate memory (`token_pruning.TokenPruning`): each passage keeps
+      its most important tokens, with their positions. None keeps every token.
   """
 
   architecture: str = "lumen"
@@ -53,6 +56,7 @@ class ReaderConfig:
   dead_code_threshold: float = 0.01
   light_length: Optional[int] = None
   freeze_memory_encoder: bool = False
+  token_pruning: Optional[TokenPruning] = None
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -71,6 +75,20 @@ class ReaderConfig:
       if m is None or not 1 <= m <= lp:
         raise ValueError(
             f"ReaderConfig.light_length={m}: lumen_light needs 1 <= M <= " f"passage_length={lp}"
+        )
+    if self.token_pruning is not None and self.architecture not in ("lumen", "lumen_vq"):
+      raise ValueError(
+          f"ReaderConfig.token_pruning with architecture={self.architecture!r}: pruning "
+          "chooses among stored memory tokens, which lumen and lumen_vq have (lumen_light "
+          "is TokenPruning.method='first' already)"
+      )
+    if self.token_pruning is not None and self.architecture == "lumen_vq":
+      highest = np.iinfo(pq_codec.code_dtype(self.codebook_size)).max
+      if self.passage_length - 1 > highest:  # Positions are stored beside the codes.
+        raise ValueError(
+            f"ReaderConfig.passage_length={self.passage_length} with token_pruning: a stored "
+            f"token's position is kept in the code dtype of codebook_size="
+            f"{self.codebook_size}, which holds positions up to {highest}"
         )
     if self.architecture == "fid" and self.freeze_memory_encoder:
       raise ValueError(
@@ -92,8 +110,16 @@ class ReaderConfig:
 
   @property
   def memory_length(self) -> int:
-    """Memory vectors kept per passage: M for lumen_light, else passage_length."""
+    """Memory vectors kept per passage: M for lumen_light and pruned readers, else
+    passage_length."""
+    if self.token_pruning is not None:
+      return self.token_pruning.kept_length(self.passage_length)
     return self.light_length if self.architecture == "lumen_light" else self.passage_length
+
+  @property
+  def stores_positions(self) -> bool:
+    """A pruned reader's stored tokens carry their positions in the passage."""
+    return self.token_pruning is not None
 
   def subspaces(self, emb_dim: int) -> int:
     """G for model dimension d, checked to divide it."""
@@ -131,13 +157,24 @@ class ReaderConfig:
       return ()
     return (self.memory_encoder_param_regex(num_encoder_layers),)
 
-  def memory_bytes_per_token(self, t5: T5Config) -> int:
-    """Stored bytes per memory token: R*G codes for lumen_vq, d activations otherwise."""
+  def stored_width(self, emb_dim: int) -> int:
+    """Values per stored token: R*G codes (plus the position for pruned readers) for
+    lumen_vq, d activations otherwise."""
+    if self.architecture != "lumen_vq":
+      return emb_dim
+    return self.num_residual * self.subspaces(emb_dim) + int(self.stores_positions)
+
+  def memory_bytes_per_token(self, t5: T5Config) -> float:
+    """Stored bytes per passage token position: what a stored token costs (codes for
+    lumen_vq, positions included, d activations otherwise) x the kept fraction M / Lp."""
     if self.architecture == "lumen_vq":
       itemsize = pq_codec.code_dtype(self.codebook_size).itemsize
-      return self.num_residual * self.subspaces(t5.emb_dim) * itemsize
-    return t5.emb_dim * np.dtype(t5.dtype).itemsize
+    else:
+      itemsize = np.dtype(t5.dtype).itemsize
+    per_kept = self.stored_width(t5.emb_dim) * itemsize
+    return per_kept * self.memory_length / self.passage_length
 
   def compression_ratio(self, t5: T5Config) -> float:
-    """Uncompressed memory (d values in the activation dtype) over what is stored."""
+    """Uncompressed memory (d values in the activation dtype per passage token) over what is
+    stored."""
     return t5.emb_dim * np.dtype(t5.dtype).itemsize / self.memory_bytes_per_token(t5)

@@ -19,7 +19,7 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
-from lumenvq.model import models, readers, stored_memory
+from lumenvq.model import models, readers, stored_memory, token_pruning
 from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
 
@@ -195,6 +195,17 @@ class ReaderModel(models.EncoderDecoderModel):
         batch["passage_tokens"],
         method=readers.Reader.encode_passages,
     )
+
+  def auxiliary_loss(self, intermediates, weight) -> tuple:
+    """The T5 model's terms and the vq_lm importance head's cross-entropy."""
+    loss, metrics = super().auxiliary_loss(intermediates, weight)
+    pruning = self.reader.token_pruning
+    if pruning is None:
+      return loss, metrics
+    head, head_metrics = token_pruning.loss_terms(intermediates, weight, pruning.head_loss_weight)
+    if head is None:
+      return loss, metrics
+    return (head if loss is None else loss + head), {**metrics, **head_metrics}
 
   def intermediate_metrics(self, intermediates, weight) -> dict:
     """`quantizer/<metric>` x the loss weight: the trainer sums metrics over microbatches

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lumenvq.model import network
+from lumenvq.model import network, token_pruning
 from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
 from lumenvq.quant import pq_codec, quantizer
@@ -49,12 +49,14 @@ class Memory:
   """What the memory encoder hands the live encoder (and the store keeps).
 
   vectors [..., Lm, d] float, mask [..., Lm] bool; codes [..., Lm, G] (or [..., Lm, R, G])
-  uint8/uint16 for LUMEN-VQ when asked for, else None.
+  uint8/uint16 for LUMEN-VQ when asked for, else None; positions [..., Lm] int32, each kept
+  token's position in its passage, for pruned memory (None: token i is at position i).
   """
 
   vectors: jax.Array
   mask: jax.Array
   codes: Optional[jax.Array] = None
+  positions: Optional[jax.Array] = None
 
 
 class Reader(network.Transformer):
@@ -74,6 +76,10 @@ class Reader(network.Transformer):
           f"readers.{want.__name__}, not {type(self).__name__} (use make_reader)"
       )
     self.num_memory_layers = self.reader.num_memory_layers(self.config.num_encoder_layers)
+    if self.reader.token_pruning is not None:
+      self.token_importance = token_pruning.TokenImportance(
+          self.reader.token_pruning, self.reader.passage_length, self.config.vocab_size
+      )
 
   def frozen_param_patterns(self) -> tuple:
     """Regexes for the trainer's `frozen_patterns` (encoder layers [0, n) when
@@ -99,7 +105,13 @@ class Reader(network.Transformer):
     tokens = passage_tokens.reshape(-1, lp)
     x = self._shared_prefix(tokens, not enable_dropout)
     vectors = _constrain(x.reshape(*lead, lp, x.shape[-1]), MEMORY_AXES)
-    return self.store(Memory(vectors, passage_tokens > 0), return_codes=return_codes)
+    memory = self.store(Memory(vectors, passage_tokens > 0), return_codes=return_codes)
+    if self.reader.token_pruning is None:
+      return memory
+    # After quantizing: VQ-LM's score reads the quantized vectors.
+    kept = self.token_importance(vectors, memory.vectors, passage_tokens, memory.mask)
+    codes = None if memory.codes is None else token_pruning.take(memory.codes, kept.index)
+    return Memory(token_pruning.apply(memory.vectors, kept), kept.mask, codes, kept.index)
 
   def store(self, memory: Memory, *, return_codes: bool = False) -> Memory:
     """What is kept of the memory encoder's output; the VQ and Light readers override it."""
@@ -142,12 +154,19 @@ class Reader(network.Transformer):
     present = jnp.any(memory_mask, axis=-1, keepdims=True)
     mask = jnp.concatenate([question_mask[:, None] & present, memory_mask], axis=2)
     # The passage continues right after the question's last real token, as in the
-    # unpadded text `question passage`: question padding does not shift distances.
+    # unpadded text `question passage`: question padding does not shift distances. Pruned
+    # memory keeps its tokens' positions in the passage.
     question_length = jnp.sum(question_mask, axis=-1, keepdims=True)
-    positions = jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(lq), (b, lq)), question_length + jnp.arange(lm)], axis=1
+    passage_positions = (
+        jnp.arange(lm) if memory.positions is None else memory.positions.astype(jnp.int32)
     )
-    positions = jnp.broadcast_to(positions[:, None], (b, k, lq + lm)).reshape(b * k, -1)
+    positions = jnp.concatenate(
+        [
+            jnp.broadcast_to(jnp.arange(lq)[None, None], (b, k, lq)),
+            jnp.broadcast_to(question_length[:, :, None] + passage_positions, (b, k, lm)),
+        ],
+        axis=2,
+    ).reshape(b * k, -1)
     x = self.encode_layers(
         x.reshape(b * k, lq + lm, d),
         mask.reshape(b * k, -1),
@@ -250,13 +269,26 @@ class LumenVQ(Reader):
 
   def memory_from_codes(self, codes, mask, codebooks=None) -> Memory:
     """Dequantized memory from stored codes [B, K, Lm, G] ([..., R, G] for R residual
-    stages) and their mask [B, K, Lm].
+    stages; a pruned reader's rows `code_rows` wrote: [..., Lm, 1 + R*G]) and their mask
+    [B, K, Lm].
 
     `codebooks` default to this module's own; the reader passes the ones stored with codes.
     """
     codebooks = self.codebooks() if codebooks is None else codebooks
+    positions = None
+    if self.reader.stores_positions:
+      r, g = self.reader.num_residual, self.reader.subspaces(self.config.emb_dim)
+      if codes.shape[-1] != 1 + r * g:
+        raise ValueError(
+            f"stored rows of width {codes.shape[-1]}: ReaderConfig.token_pruning needs rows of "
+            f"1 + R*G = {1 + r * g} (the position, then the codes)"
+        )
+      positions = codes[..., 0].astype(jnp.int32)
+      codes = codes[..., 1:]
+      if r > 1:
+        codes = codes.reshape(*codes.shape[:-1], r, g)
     vectors = pq_codec.decode(codes, codebooks).astype(self.config.dtype)
-    return Memory(_constrain(vectors, MEMORY_AXES), mask, codes)
+    return Memory(_constrain(vectors, MEMORY_AXES), mask, codes, positions)
 
 
 class LumenLight(Reader):
@@ -268,6 +300,17 @@ class LumenLight(Reader):
     return super().store(
         Memory(memory.vectors[..., :m, :], memory.mask[..., :m]), return_codes=return_codes
     )
+
+
+def code_rows(memory: Memory, width: int):
+  """What a LUMEN-VQ store keeps per token, [..., Lm, width]: the R*G codes, after the
+  token's position when the memory is pruned (`LumenVQ.memory_from_codes` reads it back)."""
+  codes = memory.codes.reshape(*memory.codes.shape[: memory.mask.ndim], -1)
+  if memory.positions is not None:
+    codes = jnp.concatenate([memory.positions[..., None].astype(codes.dtype), codes], axis=-1)
+  if codes.shape[-1] != width:
+    raise ValueError(f"code rows of width {codes.shape[-1]}, the store expects {width}")
+  return codes
 
 
 READERS = {"fid": Reader, "lumen": Reader, "lumen_vq": LumenVQ, "lumen_light": LumenLight}

@@ -154,10 +154,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_param_dir(path: str, abstract_params):
+def restore_param_dir(path: str, abstract_params, fresh_params=None):
   """`param_io.restore_params`, its errors (missing, wrong shapes) as CheckpointError."""
   try:
-    return param_io.restore_params(path, abstract_params)
+    return param_io.restore_params(path, abstract_params, fresh_params)
   except (ValueError, FileNotFoundError) as e:
     raise CheckpointError(str(e)) from e
 

@@ -53,9 +53,13 @@ def save_params(directory: str, params) -> None:
   ckptr.wait_until_finished()
 
 
-def restore_params(directory: str, abstract_params=None):
+def restore_params(directory: str, abstract_params=None, fresh_params=None):
   """Reads `{"params": ...}`; with `abstract_params` (ShapeDtypeStructs, maybe
-  with shardings) the shapes are checked first and arrays land on those shardings."""
+  with shardings) the shapes are checked first and arrays land on those shardings.
+
+  `fresh_params` (a tree like `abstract_params`): parameters the checkpoint lacks are taken
+  from it instead of refused (T5X's fallback_to_scratch: a LUMEN checkpoint starts a reader
+  with a new head). Parameters it has but the network lacks are still refused."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no parameter checkpoint at {directory}")
@@ -63,5 +67,15 @@ def restore_params(directory: str, abstract_params=None):
   if abstract_params is None:
     return ckptr.restore(directory)["params"]
   stored = ckptr.metadata(directory).item_metadata["params"]
+  missing = {}
+  if fresh_params is not None:
+    have, fresh = flat_names(stored), flat_names(fresh_params)
+    missing = {name: fresh[name] for name in flat_names(abstract_params) if name not in have}
+    abstract_params = unflat_names(
+        {n: v for n, v in flat_names(abstract_params).items() if n not in missing}
+    )
   check_shapes(abstract_params, stored, directory)
-  return ckptr.restore(directory, {"params": nn.meta.unbox(abstract_params)})["params"]
+  restored = ckptr.restore(directory, {"params": nn.meta.unbox(abstract_params)})["params"]
+  if not missing:
+    return restored
+  return unflat_names({**flat_names(restored), **missing})

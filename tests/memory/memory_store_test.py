@@ -32,7 +32,10 @@ CASES = {  # kind, dtype, width, num_residual, codebooks shape
     "codes_uint8": ("codes", np.uint8, 4, 1, (4, 16, 3)),
     "codes_uint16_residual": ("codes", np.uint16, 6, 2, (2, 3, 300, 2)),
     "vectors_bf16": ("vectors", ml_dtypes.bfloat16, 8, 1, None),
+    # Pruned memory: each token's position, then its R*G = 2*3 codes.
+    "codes_residual_positions": ("codes", np.uint8, 7, 2, (2, 3, 16, 2)),
 }
+POSITIONS = {"codes_residual_positions"}
 
 
 def _write(path, case, shards=None, finalize=True, fingerprint=FINGERPRINT):
@@ -52,6 +55,7 @@ def _write(path, case, shards=None, finalize=True, fingerprint=FINGERPRINT):
       codebooks=codebooks,
       num_residual=r,
       shard_passages=SHARD,
+      positions=case in POSITIONS,
   )
   for shard in range(store.num_shards) if shards is None else shards:
     start, stop = store.shard_range(shard)
@@ -76,6 +80,7 @@ def test_roundtrip_reads_equal_numpy_indexing(tmp_path, case):
       store.num_shards,
   ) == (kind, N, LP, width, np.dtype(dtype), r, 4)
   assert store.fingerprint == json.loads(json.dumps(FINGERPRINT))
+  assert store.positions == (case in POSITIONS)
   if codebooks is None:
     assert store.codebooks is None
   else:
@@ -90,7 +95,7 @@ def test_roundtrip_reads_equal_numpy_indexing(tmp_path, case):
   padded_values = np.concatenate([values, np.zeros_like(values[:1])])  # Row -1: zeros.
   padded_lengths = np.concatenate([lengths, [0]])
   want = padded_values[ids]
-  if r > 1:
+  if r > 1 and case not in POSITIONS:  # Rows with positions read back as written.
     want = want.reshape(*ids.shape, LP, r, width // r)
   assert got_values.dtype == np.dtype(dtype) and got_lengths.dtype == np.int32
   np.testing.assert_array_equal(got_values, want)
@@ -246,6 +251,23 @@ def test_codebooks_that_do_not_fit_the_codes_are_refused(tmp_path):
           num_residual=r,
           **common,
       )
+  with pytest.raises(StoreError, match=r"width 4 = R\*G .* \(after the position column\)"):
+    MemoryStore.create(  # 5 values, the first a position: 4 codes, not the codebooks' 5.
+        str(tmp_path / "bad"),
+        width=5,
+        dtype=np.uint8,
+        codebooks=np.zeros((5, 16, 3), np.float32),
+        positions=True,
+        **common,
+    )
+  with pytest.raises(StoreError, match="kind='vectors' takes no codebooks, num_residual=1 and no"):
+    MemoryStore.create(
+        str(tmp_path / "bad"),
+        width=4,
+        dtype=np.float32,
+        positions=True,
+        **{**common, "kind": "vectors"},
+    )
   # On open: codebooks replaced on disk by ones of another C.
   path = tmp_path / "store"
   _write(path, "codes_uint8")
