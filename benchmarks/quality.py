@@ -48,9 +48,11 @@ MODELS = (
 SCORE = {"nq": "em", "hotpotqa": "em", "fever": "accuracy", "structured_zeroshot": "accuracy"}
 
 
-def _parse(gin_file: str, data: str = None) -> None:
+def parse_experiment(gin_file: str, data: str = None, bindings=()) -> None:
+  """gin cleared, then the experiment file and its bindings parsed (as the CLIs do)."""
   gin.clear_config()
-  gin_cli.parse_gin([gin_file], [f"demo_data.data_dir = '{data}'"] if data else [])
+  data_binding = [f"demo_data.data_dir = '{data}'"] if data else []
+  gin_cli.parse_gin([gin_file], data_binding + list(bindings))
 
 
 def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
@@ -58,7 +60,7 @@ def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
   every model measured here back to back so they share the machine's conditions."""
   import time  # pylint: disable=g-import-not-at-top
 
-  _parse(gin_file, data)
+  parse_experiment(gin_file, data)
   model = reader_models.ReaderModel()
   lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
   batch_size = gin.query_parameter("%BATCH_SIZE")
@@ -85,9 +87,9 @@ def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
   return statistics.median(times)
 
 
-def _storage(gin_file: str) -> tuple:
+def storage(gin_file: str, bindings=()) -> tuple:
   """(bytes per memory token, compression over bf16) from the experiment's ReaderConfig."""
-  _parse(gin_file)
+  parse_experiment(gin_file, bindings=bindings)
   model = reader_models.ReaderModel()
   cfg, reader = model.config, model.reader
   if reader.architecture == "fid":
@@ -131,7 +133,7 @@ def main(argv=None):
       )
     metrics = demo.evaluate(f"evaluate {name}", model_dir, gin_file, steps, data, extra)
     scores = {task: 100 * metrics[f"lumenvq_demo_{task}/{key}"] for task, key in SCORE.items()}
-    bytes_per_token, compression = _storage(gin_file)
+    bytes_per_token, compression = storage(gin_file)
     seconds = [metrics[f"lumenvq_demo_{task}/seconds_per_example"] for task in SCORE]
     rows.append(
         {

@@ -102,7 +102,9 @@ def _train(title, model_dir, gin_file, steps, data, extra=()):
   )
 
 
-def _precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
+def precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
+  """`lumenvq.precompute_memory` of MODEL_DIR's latest checkpoint into `store`; skipped when
+  the store is COMPLETE."""
   _run(
       title,
       [
@@ -345,7 +347,7 @@ def main(argv=None):
       os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
       extra,
   )
-  _precompute(
+  precompute(
       "precompute the LUMEN-VQ memory store (codes)",
       vq_dir,
       vq_gin,
@@ -354,7 +356,7 @@ def main(argv=None):
       spm_model,
       extra,
   )
-  _precompute(
+  precompute(
       "precompute the LUMEN memory store (bf16 vectors, for comparison)",
       lumen_dir,
       lumen_gin,

@@ -24,7 +24,12 @@ from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
 
 # Scalar quantizer metrics logged in training (the sown dict also has per-subspace arrays).
-QUANTIZER_METRICS = ("codebook_usage", "perplexity", "relative_reconstruction_error")
+QUANTIZER_METRICS = (
+    "codebook_usage",
+    "perplexity",
+    "relative_reconstruction_error",
+    "num_reset_codes",  # Dead codes moved onto batch vectors this step.
+)
 
 
 class ReaderFeatureConverter:

@@ -4,8 +4,10 @@ equals the on-the-fly forward, the learned score's and the vq_lm head's gradient
 settings' errors."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,25 @@ def test_random_scores_are_a_fixed_function_of_token_and_position():
   a = token_pruning._hash_scores(tokens, positions)  # pylint: disable=protected-access
   np.testing.assert_array_equal(a, token_pruning._hash_scores(tokens, positions))
   assert len(np.unique(np.asarray(a))) == 4 and 0 <= float(a.min()) and float(a.max()) < 1
+
+
+def test_gin_files_compose():
+  repo = os.path.join(os.path.dirname(__file__), "..", "..")
+  gin.clear_config()
+  gin.add_config_file_search_path(repo)
+  try:
+    with gin.unlock_config():
+      gin.parse_config_file(os.path.join(repo, "gin_configs/models/tiny.gin"))
+      gin.parse_config_file(os.path.join(repo, "gin_configs/architectures/lumen_vq.gin"))
+      gin.parse_config_file(os.path.join(repo, "gin_configs/architectures/token_pruning.gin"))
+      generic = ReaderConfig()
+      gin.clear_config()
+      gin.parse_config_file(os.path.join(repo, "gin_configs/demo/lumen_vq_pruned_32x.gin"))
+      demo, t5 = ReaderConfig(), T5Config()
+  finally:
+    gin.clear_config()
+  assert generic.token_pruning == TokenPruning(method="learned", budget=0.5)
+  assert demo.memory_length == 22 and demo.stored_width(t5.emb_dim) == 17
+  assert demo.compression_ratio(dataclasses.replace(t5, dtype="bfloat16")) == pytest.approx(
+      256 / (17 * 22 / 48)
+  )

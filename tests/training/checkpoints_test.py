@@ -1,5 +1,5 @@
 """Checkpoints: save and restore onto another mesh, keep-N / every-N, shape
-mismatches that name the parameter, the params layout shared with param_io,
+mismatches that name the parameter, restores that fall back to fresh parameters, the params layout shared with param_io,
 SIGTERM handling and the MODEL_DIR writability check."""
 
 import os
@@ -71,6 +71,24 @@ def test_params_item_is_a_param_io_directory(saved):
       os.path.join(directory, "5", "params"), t.abstract_state().params
   )
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(params), state.params)
+
+
+def test_parameters_the_checkpoint_lacks_start_fresh_only_when_asked(saved, tmp_path):
+  """fallback_to_scratch: a network with a new parameter restores the rest."""
+  directory, state = saved
+  abstract = _trainer((8, 1)).abstract_state().params
+  params = jax.device_get(state.params)
+  flat = param_io.flat_names(params)
+  dropped = "decoder/logits_dense/kernel"
+  path = str(tmp_path / "params")
+  param_io.save_params(path, param_io.unflat_names({k: v for k, v in flat.items() if k != dropped}))
+  with pytest.raises(ValueError, match=f"parameter {dropped} is missing"):
+    param_io.restore_params(path, abstract)
+  fresh = jax.tree_util.tree_map(np.zeros_like, params)
+  got = param_io.flat_names(jax.device_get(param_io.restore_params(path, abstract, fresh)))
+  assert set(got) == set(flat) and not got[dropped].any()
+  for name in flat.keys() - {dropped}:
+    np.testing.assert_array_equal(got[name], flat[name])
 
 
 def test_shape_mismatch_names_the_first_parameter(saved):
