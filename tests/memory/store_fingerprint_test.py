@@ -1,5 +1,6 @@
 """The fingerprint of a model, vocabulary and passage table, and its fields unknown."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -8,6 +9,7 @@ from lumenvq.memory import store_fingerprint
 from lumenvq.model import reader_models
 from lumenvq.model.network_config import T5Config
 from lumenvq.model.reader_config import ReaderConfig
+from lumenvq.model.token_pruning import TokenPruning
 
 
 def test_fingerprint_for_hashes_vocabulary_and_table(tmp_path):
@@ -54,8 +56,18 @@ def test_fingerprint_for_hashes_vocabulary_and_table(tmp_path):
       "passage_length": 8,
       "memory_length": 8,
       "quantizer": {"num_subspaces": 4, "codebook_size": 256, "num_residual": 2},
+      "token_pruning": None,
       "vocabulary_sha256": hashlib.sha256(vocabulary.read_bytes()).hexdigest(),
       "passage_table_sha256": manifest["fingerprint"],
+  }
+  pruned = dataclasses.replace(model.reader, token_pruning=TokenPruning("vq_lm", budget=0.5))
+  assert store_fingerprint.fingerprint_for(
+      reader_models.ReaderModel(model.config, pruned), None, None, None
+  )["token_pruning"] == {
+      "method": "vq_lm",
+      "budget": 0.5,
+      "position_prior": 0.0,
+      "head_loss_weight": 1.0,
   }
   unknown = store_fingerprint.fingerprint_for(model, None, None, None)
   assert unknown["checkpoint_step"] is unknown["vocabulary_sha256"] is None
