@@ -4,6 +4,8 @@ A local path is made absolute (against the working directory at the time); a URL
 as given. Remote paths go through epath's fsspec backend (gcsfs), which orbax's epath
 shares: gcsfs needs no TensorFlow file-system plugin and honours `STORAGE_EMULATOR_HOST`,
 where tf.io.gfile (epath's default while TensorFlow is installed) has a fixed endpoint.
+Listings are not cached: another process (a resumed or a concurrent job) may have
+written since, and a stale listing would hide its newest checkpoint or shard.
 
 Object stores have no rename, so the atomic writes here differ by kind: a local file is
 written under a temporary name and renamed; a remote object is written whole in one
@@ -19,7 +21,10 @@ from typing import Iterator, Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # Before epath picks a backend (lazily, once).
 
+import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 PathLike = Union[str, os.PathLike]
 

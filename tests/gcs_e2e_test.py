@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
 from lumenvq import paths
+from lumenvq.training import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+COMMIT_FILE = "commit_success.txt"  # orbax's marker of a finished step on gs://
 
 
 def _env(tmp_path_factory):
@@ -101,3 +104,42 @@ def test_eval_and_infer_read_the_bucket_and_write_to_it(trained):
   )
   infer = paths.path(model_dir) / "infer" / f"lumenvq_debug_copy-validation-{STEPS}.jsonl"
   assert len(infer.read_text().splitlines()) == 8
+
+
+def test_a_train_killed_mid_save_resumes_from_the_last_committed_step(gcs_bucket, tmp_path_factory):
+  """SIGKILL while step 4 is being written (its objects there, its commit marker not yet):
+  the latest step found is 2, and a rerun resumes from it and finishes."""
+  env = _env(tmp_path_factory)
+  model_dir = f"{gcs_bucket}/killed-{uuid.uuid4().hex[:8]}"
+  flags = [
+      "--gin_file=gin_configs/debug/tiny_train.gin",
+      "--gin.TRAIN_STEPS=6",
+      "--gin.train.eval_every=0",
+      "--gin.Checkpointer.save_every=2",
+  ]
+  command = [sys.executable, "-m", "lumenvq.train", *flags, f"--gin.MODEL_DIR='{model_dir}'"]
+  command.append("--gin.get_source.backend='numpy'")
+  step_4 = paths.path(model_dir) / "checkpoints" / "4"
+  proc = subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  try:
+    deadline = time.monotonic() + 240
+    while not (step_4.exists() and list(step_4.iterdir())):
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.monotonic() < deadline, "step 4 never started"
+      time.sleep(0.02)
+    proc.kill()
+  finally:
+    proc.kill()
+    proc.wait()
+  if (step_4 / COMMIT_FILE).exists():
+    pytest.fail("step 4 was committed before the kill landed: nothing half-written to check")
+  checkpointer = checkpoints.Checkpointer(paths.join(model_dir, "checkpoints"))
+  assert checkpointer.latest_step() == 2
+  checkpointer.close()
+  result = _cli(env, "train", model_dir, *flags)
+  assert "continuing from step 2" in result.stderr
+  checkpointer = checkpoints.Checkpointer(paths.join(model_dir, "checkpoints"))
+  assert checkpointer.latest_step() == 6 and (step_4 / COMMIT_FILE).exists()
+  checkpointer.close()
