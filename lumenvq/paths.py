@@ -14,6 +14,7 @@ way a reader sees the complete file or none.
 """
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -105,3 +106,17 @@ def write_bytes(target: PathLike, data: bytes) -> str:
   with atomic_open(target, "wb") as f:
     f.write(data)
   return resolve(target)
+
+
+def local_copy(p: PathLike) -> str:
+  """A local file with the bytes of `p`, for libraries that open files by name only
+  (SentencePiece): `p` itself when local, else a copy cached by content in the temp dir."""
+  if not is_remote(p):
+    return resolve(p)
+  data = path(p).read_bytes()
+  digest = hashlib.sha256(data).hexdigest()[:32]
+  cached = os.path.join(tempfile.gettempdir(), "lumenvq-remote", f"{digest}-{path(p).name}")
+  if not os.path.exists(cached):
+    makedirs(os.path.dirname(cached))
+    write_bytes(cached, data)
+  return cached

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import pytest
 
 from lumenvq import paths
@@ -143,3 +144,68 @@ def test_a_train_killed_mid_save_resumes_from_the_last_committed_step(gcs_bucket
   checkpointer = checkpoints.Checkpointer(paths.join(model_dir, "checkpoints"))
   assert checkpointer.latest_step() == 6 and (step_4 / COMMIT_FILE).exists()
   checkpointer.close()
+
+
+def _upload(local_dir, remote_dir):
+  for root, _, files in os.walk(local_dir):
+    for name in files:
+      local = os.path.join(root, name)
+      remote = paths.join(remote_dir, os.path.relpath(local, local_dir))
+      paths.write_bytes(remote, open(local, "rb").read())
+
+
+@pytest.fixture(scope="module")
+def demo_world(gcs_bucket, tmp_path_factory):
+  """A small demo world (KILT files, passage table, vocabulary, retrieval files) built
+  locally and uploaded: (local root, gs:// root)."""
+  from lumenvq.data import demo, kilt, passages, retrieve, vocab  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("world")
+  data = str(root / "data")
+  demo.write_demo(data, num_entities=100, train_size=8, dev_size=6)
+  source = os.path.join(data, kilt.KNOWLEDGE_SOURCE_FILE)
+  passages.build(source, str(root / "passages"), words=12, progress=False)
+  vocab.train_sentencepiece(
+      source, str(root / "vocab" / "spm"), vocab_size=400, max_sentences=None, threads=1
+  )
+  nq = kilt.get_task("nq")
+  files = [os.path.join(data, nq.file(s)) for s in ("train", "dev")]
+  retrieve.run(str(root / "passages"), files, str(root / "retrieval"), k=4, progress=False)
+  remote = f"{gcs_bucket}/world-{uuid.uuid4().hex[:8]}"
+  _upload(str(root), remote)
+  return str(root), remote
+
+
+def test_task_data_on_gs_reads_as_the_local_copy(demo_world):
+  """KILT files, retrieval files, the passage table (ranged reads) and the vocabulary,
+  read from gs:// through the path layer, give the local copy's examples and tokens."""
+  from lumenvq.data import kilt, seqio_tasks  # pylint: disable=g-import-not-at-top
+  from lumenvq.data.passage_table import PassageTable  # pylint: disable=g-import-not-at-top
+  from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
+
+  local, remote = demo_world
+  nq = kilt.get_task("nq")
+  local_data, remote_data = (
+      seqio_tasks.TaskData.resolve(
+          demo_tasks.LAYOUT, data_dir=paths.join(r, "data"), num_passages=4
+      )
+      for r in (local, remote)
+  )
+  assert remote_data.passages_dir == f"{remote}/passages"
+  assert remote_data.vocabulary_path == f"{remote}/vocab/spm.model"
+  want = list(seqio_tasks.kilt_examples(nq, "dev", local_data))
+  got = list(seqio_tasks.kilt_examples(nq, "dev", remote_data))
+  assert len(got) == 6
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys() and g["inputs"] == w["inputs"] and g["targets"] == w["targets"]
+    np.testing.assert_array_equal(g["passage_ids"], w["passage_ids"])
+    assert list(g["passages"]) == list(w["passages"])
+  table = PassageTable(remote_data.passages_dir)
+  assert table.fingerprint == PassageTable(local_data.passages_dir).fingerprint
+  assert table[len(table) - 1] == PassageTable(local_data.passages_dir)[len(table) - 1]
+  text = want[0]["passages"][0]
+  assert remote_data.vocabulary().encode(text) == local_data.vocabulary().encode(text)
+  with pytest.raises(
+      FileNotFoundError, match=f"KILT file {remote}/nope/nq-dev-kilt.jsonl not found"
+  ):
+    seqio_tasks.TaskData.resolve(demo_tasks.LAYOUT, data_dir=f"{remote}/nope").kilt_file(nq, "dev")
