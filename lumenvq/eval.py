@@ -9,13 +9,13 @@ scalars to EVAL_OUTPUT_DIR (default MODEL_DIR/eval).
 """
 
 import json
-import os
 from typing import Callable, Optional
 
 import gin
 import jax
 from absl import logging
 
+from lumenvq import paths
 from lumenvq.memory import memory_feed
 from lumenvq.model import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.model.network_config import T5Config  # pylint: disable=unused-import  (gin)
@@ -34,10 +34,7 @@ def inference_setup(model, model_dir, checkpoint_step, checkpoint_path, devices=
 
 
 def write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 @gin.configurable
@@ -58,13 +55,13 @@ def evaluate(
   """Metrics of one checkpoint; returns them and writes them as JSON and TensorBoard,
   and (`write_predictions`) each task's predictions as `<task>-<split>-<step>.jsonl`, in
   KILT's format for KILT tasks (score them with `python -m lumenvq.kilt_eval`)."""
-  output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "eval"))
+  output_dir = checkpoints.check_writable(output_dir or paths.join(model_dir, "eval"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
   feed = memory_feed.attach(trainer, step)
   source = source_fn(task_feature_lengths=task_feature_lengths)
 
   def save(task_source, pairs):
-    path = os.path.join(output_dir, f"{task_source.name}-{split}-{step}.jsonl")
+    path = paths.join(output_dir, f"{task_source.name}-{split}-{step}.jsonl")
     evaluation.write_predictions(path, task_source, pairs, task_source.is_kilt)
 
   metrics = evaluation.evaluate(
@@ -83,7 +80,7 @@ def evaluate(
   )
   if jax.process_index() == 0:
     write_json(
-        os.path.join(output_dir, f"metrics_{step}.json"),
+        paths.join(output_dir, f"metrics_{step}.json"),
         {"step": step, "task": source.name, "split": split, "metrics": metrics},
     )
   writer = summaries.ScalarWriter(output_dir)

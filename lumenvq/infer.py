@@ -10,12 +10,12 @@ KILT tasks get KILT's prediction format `{"id", "output": [{"answer"}]}`
 function is `EncoderDecoderModel.decode_fn` in gin.
 """
 
-import os
 from typing import Callable, Optional
 
 import gin
 from absl import logging
 
+from lumenvq import paths
 from lumenvq.eval import inference_setup
 from lumenvq.memory import memory_feed
 from lumenvq.training import checkpoints, evaluation, gin_cli, input_pipeline, partitioning
@@ -39,10 +39,10 @@ def infer(
   """Writes the predictions; returns the paths. `output_format`: auto, kilt or plain."""
   if output_format not in ("auto", "kilt", "plain"):
     raise ValueError(f"infer.output_format must be auto, kilt or plain, not {output_format!r}")
-  output_dir = checkpoints.check_writable(output_dir or os.path.join(model_dir, "infer"))
+  output_dir = checkpoints.check_writable(output_dir or paths.join(model_dir, "infer"))
   trainer, state, step = inference_setup(model, model_dir, checkpoint_step, checkpoint_path)
   feed = memory_feed.attach(trainer, step)
-  paths = []
+  written = []
   for source in source_fn(task_feature_lengths=task_feature_lengths).task_sources():
     pairs, _ = evaluation.predictions(
         trainer,
@@ -56,11 +56,11 @@ def infer(
         prepare=feed.prepare,
     )
     kilt = source.is_kilt if output_format == "auto" else output_format == "kilt"
-    path = os.path.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
+    path = paths.join(output_dir, f"{source.name}-{split}-{step}.jsonl")
     evaluation.write_predictions(path, source, pairs, kilt)
     logging.info("wrote %d predictions of step %d to %s", len(pairs), step, path)
-    paths.append(path)
-  return paths
+    written.append(path)
+  return written
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ in train/ and eval/.
 """
 
 import json
-import os
 from typing import Callable, Optional
 
 import gin
 import jax
 from absl import logging
 
+from lumenvq import paths
 from lumenvq.memory import memory_feed
 from lumenvq.model import models, reader_models  # pylint: disable=unused-import  (gin)
 from lumenvq.model.network_config import T5Config  # pylint: disable=unused-import  (gin)
@@ -91,9 +91,9 @@ def train(
   rules = partitioning.standard_logical_axis_rules()
   layout = input_pipeline.data_layout(mesh, batch_size)
   trainer = trainer_lib.Trainer(model, optimizer or optimizers.make_optimizer(), mesh, rules)
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
-  logger = summaries.MetricsLogger(os.path.join(model_dir, "train"))
-  eval_writer = summaries.ScalarWriter(os.path.join(model_dir, "eval")) if eval_every else None
+  ckpt = checkpoints.Checkpointer(paths.join(model_dir, "checkpoints"))
+  logger = summaries.MetricsLogger(paths.join(model_dir, "train"))
+  eval_writer = summaries.ScalarWriter(paths.join(model_dir, "eval")) if eval_every else None
   # Installed first: a SIGTERM while restoring, building the data or compiling the first
   # step stops the run after that step, with a checkpoint, as one during training does.
   watcher = checkpoints.PreemptionWatcher()

@@ -8,10 +8,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WORKER="all"
 ENV_VARS=()
 LOG=""
-# The gin settings that lumenvq reads or writes with tensorstore or seqio, which take gs:// paths.
-# Every other path (MODEL_DIR, checkpoints, outputs, KILT files) goes through local file APIs
-# (os.makedirs, open, np.memmap), where gs://bucket/x would quietly become a local directory "gs:".
-REMOTE_OK=(STORE_PATH MEMORY_STORE MemorySource.path precompute.store_path VOCABULARY_PATH kilt_data.vocabulary_path)
 
 usage() {
   cat <<USAGE
@@ -20,9 +16,8 @@ Usage: tpu/run.sh [flags] -- COMMAND [ARGS...]
 Runs COMMAND on the workers of TPU_NAME in ~/REMOTE_DIR with ~/REMOTE_DIR/.venv/bin first on PATH:
   tpu/run.sh -- python -m lumenvq.train --gin_file=gin_configs/runs/finetune.gin \\
       --gin_file=gin_configs/tpu/base_lumen_vq.gin --gin.MODEL_DIR="'/mnt/gcs/BUCKET/run1'" ...
-ARGS reach the workers exactly as given here. A --gin.NAME=... argument with a gs:// path is
-refused unless NAME is one of: ${REMOTE_OK[*]} (the others need a local
-path: a Cloud Storage FUSE mount, tpu/install.sh --gcsfuse_bucket, or a copy on each worker).
+ARGS reach the workers exactly as given here; every lumenvq path setting (MODEL_DIR, checkpoints,
+outputs, KILT files, passage tables, vocabularies, memory stores) takes a gs:// path.
 
   --worker=W          all (default), or one worker's index, e.g. 0
   --env=NAME=VALUE    export NAME=VALUE before COMMAND (repeatable), e.g. --env=KILT_DATA_DIR=...
@@ -43,28 +38,8 @@ script_flag() {
   esac
 }
 
-# Refuses a gs:// path in a gin setting that lumenvq opens as a local file (see REMOTE_OK).
-check_gin_paths() {
-  local arg name value allowed
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^--gin\.([^=]+)=(.*)$ ]] ||
-      [[ "$arg" =~ ^--gin_bindings=[[:space:]]*([^=[:space:]]+)[[:space:]]*=(.*)$ ]]; then
-      name="${BASH_REMATCH[1]}"
-      value="${BASH_REMATCH[2]}"
-      [[ "$value" == *gs://* ]] || continue
-      for allowed in "${REMOTE_OK[@]}"; do
-        [[ "$name" == "$allowed" ]] && continue 2
-      done
-      die "$arg: lumenvq opens $name with local file APIs, so a gs:// path would become a local" \
-        "directory named 'gs:'; use the bucket's Cloud Storage FUSE mount (tpu/install.sh" \
-        "--gcsfuse_bucket=BUCKET, then /mnt/gcs/BUCKET/...) or a local copy on every worker"
-    fi
-  done
-}
-
 parse_flags "$@"
 ((${#ARGS[@]})) || die "no command to run: put it after -- (see --help)"
-check_gin_paths "${ARGS[@]}"
 [[ -z "$LOG" || "$LOG" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--log=$LOG: use letters, digits, _ . -"
 
 dir="$(shell_word "$REMOTE_DIR")"

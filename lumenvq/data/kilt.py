@@ -23,6 +23,8 @@ import re
 import reprlib
 from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
+from lumenvq import paths
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
@@ -332,7 +334,7 @@ def _decode(raw: bytes, line: int) -> Any:
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
   """(line number, bytes) of the non-blank lines, read in binary so bad UTF-8 is per line."""
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for number, raw in enumerate(f, start=1):
       if raw.strip():
         yield number, raw

@@ -4,6 +4,9 @@
 passage id. It lives apart from the builder so that readers (retrieval, the
 SeqIO tasks, the memory precompute) import numpy alone, not the builder and
 its CLI.
+
+A local table is memory-mapped; a gs:// one (`lumenvq.paths`) loads its index arrays
+and reads passage texts and pages by ranged reads of the shard files.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import dataclasses
 import json
 import operator
 import os
+import threading
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from lumenvq import paths
 
 FORMAT_VERSION = (
     1  # of the on-disk layout; the builder writes it into the manifest, the reader checks it
@@ -39,15 +45,42 @@ class Passage:
 class _Shard:
 
   def __init__(self, directory: str):
-    load = lambda name: np.load(os.path.join(directory, name), mmap_mode="r")  # noqa: E731
-    self.text_offsets, self.spans = load("text_offsets.npy"), load("spans.npy")
-    self.page_offsets = load("page_offsets.npy")
-    self.text, self.pages = (_blob(os.path.join(directory, n)) for n in ("text.bin", "pages.bin"))
+    self.text_offsets, self.spans = _load(directory, "text_offsets.npy"), _load(
+        directory, "spans.npy"
+    )
+    self.page_offsets = _load(directory, "page_offsets.npy")
+    self.text, self.pages = (_blob(paths.join(directory, n)) for n in ("text.bin", "pages.bin"))
 
 
-def _blob(path: str) -> np.ndarray:
+def _load(directory: str, name: str) -> np.ndarray:
+  """A .npy array: memory-mapped when local, read whole when remote."""
+  path = paths.join(directory, name)
+  if not paths.is_remote(path):
+    return np.load(path, mmap_mode="r")
+  with paths.path(path).open("rb") as f:
+    return np.load(f)
+
+
+def _blob(path: str):
+  """The bytes of a shard file, sliceable: a memory map when local, ranged reads when remote."""
+  if paths.is_remote(path):
+    return _RangedBlob(path)
   # np.memmap refuses empty files (a shard may hold no pages).
   return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+
+
+class _RangedBlob:
+  """`blob[start:stop]` -> bytes of a remote file, through one open file (seek + read)."""
+
+  def __init__(self, path: str):
+    self._file = paths.path(path).open("rb")
+    self._lock = threading.Lock()  # seek + read of one file is not thread-safe.
+
+  def __getitem__(self, item: slice) -> bytes:
+    start, stop = int(item.start), int(item.stop)
+    with self._lock:
+      self._file.seek(start)
+      return self._file.read(stop - start)
 
 
 class PassageTable:
@@ -59,14 +92,13 @@ class PassageTable:
 
   def __init__(self, directory: str | os.PathLike):
     self.directory = os.fspath(directory)
-    path = os.path.join(self.directory, MANIFEST)
-    if not os.path.exists(path):
+    path = paths.join(self.directory, MANIFEST)
+    if not paths.path(path).exists():
       raise FileNotFoundError(
           f"{self.directory} is not a finished passage table: {MANIFEST} is missing "
           "(build it with python -m lumenvq.data.passages, which finalizes last)"
       )
-    with open(path) as f:
-      self.manifest: dict[str, Any] = json.load(f)
+    self.manifest: dict[str, Any] = json.loads(paths.path(path).read_text())
     if self.manifest.get("format_version") != FORMAT_VERSION:
       raise ValueError(
           f"{path} has format_version {self.manifest.get('format_version')}; this code reads "
@@ -76,8 +108,8 @@ class PassageTable:
     self._passage_starts = np.cumsum([0] + [s["num_passages"] for s in shards])
     self._page_starts = np.cumsum([0] + [s["num_pages"] for s in shards])
     self._shards: list[_Shard | None] = [None] * len(shards)
-    index = os.path.join(self.directory, "index")
-    load = lambda name: np.load(os.path.join(index, name), mmap_mode="r")  # noqa: E731
+    index = paths.join(self.directory, "index")
+    load = lambda name: _load(index, name)  # noqa: E731
     self._passage_page, self._page_first = load("passage_page.npy"), load("page_first.npy")
     self._page_keys, self._page_order = load("page_keys.npy"), load("page_order.npy")
 
@@ -105,7 +137,7 @@ class PassageTable:
   def _shard(self, s: int) -> _Shard:
     if self._shards[s] is None:
       self._shards[s] = _Shard(
-          os.path.join(self.directory, "shards", self.manifest["shards"][s]["name"])
+          paths.join(self.directory, "shards", self.manifest["shards"][s]["name"])
       )
     return self._shards[s]
 

@@ -47,6 +47,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from lumenvq import paths
 from lumenvq.data import kilt, kilt_metrics, retrieve, vocab
 from lumenvq.data.passage_table import PassageTable
 
@@ -108,29 +109,30 @@ class TaskData:
           f"{layout.configurable}.num_passages must be a positive integer, got {num_passages!r}"
       )
     data_dir = _absolute(data_dir or os.environ.get(layout.env_var) or layout.default_data_dir)
-    root = os.path.normpath(os.path.join(data_dir, layout.root))
+    root = paths.path(data_dir)
+    root = root.parent if layout.root == ".." else root.joinpath(layout.root)
     return cls(
         layout,
         data_dir,
-        _absolute(passages_dir or os.path.join(root, "passages")),
-        _absolute(retrieval_dir or os.path.join(root, "retrieval")),
-        _absolute(vocabulary_path or os.path.join(root, "vocab", "spm.model")),
+        _absolute(passages_dir or paths.join(root, "passages")),
+        _absolute(retrieval_dir or paths.join(root, "retrieval")),
+        _absolute(vocabulary_path or paths.join(root, "vocab", "spm.model")),
         num_passages,
     )
 
   @property
   def knowledge_source(self) -> str:
-    return os.path.join(self.data_dir, kilt.KNOWLEDGE_SOURCE_FILE)
+    return paths.join(self.data_dir, kilt.KNOWLEDGE_SOURCE_FILE)
 
   def kilt_file(self, task: kilt.KiltTask, split: str) -> str:
     """The task's KILT file of a KILT split; FileNotFoundError naming it and the command that makes it."""
-    path = os.path.join(self.data_dir, task.file(split))
-    if not os.path.isfile(path):
+    path = paths.join(self.data_dir, task.file(split))
+    if not paths.path(path).is_file():
       command = self.layout.data_command.format(data_dir=self.data_dir, task=task.name, split=split)
       if task.download_file(split) != task.file(split):  # TriviaQA: ids only until restored
         command += (
             f" && python -m lumenvq.data.kilt restore_triviaqa --kilt_file "
-            f"{os.path.join(self.data_dir, task.download_file(split))} --triviaqa_files ... "
+            f"{paths.join(self.data_dir, task.download_file(split))} --triviaqa_files ... "
             f"--out {path}"
         )
       raise FileNotFoundError(
@@ -141,7 +143,7 @@ class TaskData:
   def retrieval_file(self, task: kilt.KiltTask, split: str) -> str:
     """The retrieval file for the task's split (`retrieve.output_path`), or an error with its command."""
     path = retrieve.output_path(self.retrieval_dir, task.file(split))
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
       raise FileNotFoundError(
           f"retrieval file {path} not found ({self._setting('retrieval_dir')}); make it with: "
           f"python -m lumenvq.data.retrieve --passages {self.passages_dir} --data_dir {self.data_dir} "
@@ -162,7 +164,7 @@ class TaskData:
   def vocabulary(self) -> seqio.Vocabulary:
     """The SentencePiece vocabulary (loaded once per path), or an error with the command that trains it."""
     path = self.vocabulary_path
-    if "://" not in path and not os.path.isfile(path):
+    if not paths.path(path).is_file():
       raise FileNotFoundError(
           f"SentencePiece model {path} not found ({self._setting('vocabulary_path')}); train it with: "
           f"python -m lumenvq.data.train_vocab --knowledge_source {self.knowledge_source} "
@@ -182,7 +184,7 @@ class TaskData:
 
 
 def _absolute(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
+  return paths.resolve(path)
 
 
 @functools.lru_cache(maxsize=None)

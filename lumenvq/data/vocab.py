@@ -19,6 +19,7 @@ import os
 import re
 from typing import Iterator, Sequence
 
+from lumenvq import paths
 from lumenvq.data import kilt, passages
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1
@@ -148,23 +149,23 @@ def train_sentencepiece(
 def get_vocabulary(path: str, extra_ids: int = DEFAULT_EXTRA_IDS):
   """A `seqio.SentencePieceVocabulary` for any SentencePiece `.model` (ours, T5's, ...).
 
-  Local models are checked for the ids seqio's feature converters assume
-  (pad=0, eos=1); remote paths (gs://) are left to seqio.
+  Models are checked for the ids seqio's feature converters assume (pad=0, eos=1). A
+  gs:// model is read through the path layer into a local copy, which seqio then opens.
   """
-  if "://" not in path:
-    import sentencepiece as spm
+  import sentencepiece as spm
 
-    if not os.path.isfile(path):
-      raise FileNotFoundError(
-          f"SentencePiece model {path} not found "
-          "(train one with python -m lumenvq.data.train_vocab)"
-      )
-    processor = spm.SentencePieceProcessor(model_file=path)
-    if (processor.pad_id(), processor.eos_id()) != (PAD_ID, EOS_ID):
-      raise ValueError(
-          f"SentencePiece model {path} has pad={processor.pad_id()} eos={processor.eos_id()}; "
-          f"T5-style models need pad={PAD_ID} eos={EOS_ID}"
-      )
+  if not paths.path(path).is_file():
+    raise FileNotFoundError(
+        f"SentencePiece model {path} not found "
+        "(train one with python -m lumenvq.data.train_vocab)"
+    )
+  local = paths.local_copy(path)
+  processor = spm.SentencePieceProcessor(model_file=local)
+  if (processor.pad_id(), processor.eos_id()) != (PAD_ID, EOS_ID):
+    raise ValueError(
+        f"SentencePiece model {path} has pad={processor.pad_id()} eos={processor.eos_id()}; "
+        f"T5-style models need pad={PAD_ID} eos={EOS_ID}"
+    )
   import seqio  # slow to import (~14 s): only where a vocabulary is made
 
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  return seqio.SentencePieceVocabulary(local, extra_ids=extra_ids)

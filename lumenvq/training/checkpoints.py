@@ -5,13 +5,14 @@ Layout: `MODEL_DIR/checkpoints/<step>/{params,opt_state,model_state}`; the
 it, so `param_io.restore_params(".../<step>/params")` and finetuning from a
 training checkpoint work. `model_state` (LUMEN-VQ's codebooks: the model's
 variable collections besides params) is written only by models that have one.
-Orbax writes each step under a temporary name and renames it when complete, so
-a process killed mid-save leaves the previous step latest.
+Orbax writes each step under a temporary name and renames it when complete (on
+gs://, which has no rename, it writes a commit marker last and skips steps without
+one), so a process killed mid-save leaves the previous step latest. Every directory
+here may be local or gs:// (`lumenvq.paths`).
 Restores land on the shardings of the given abstract state, i.e. on whatever
 mesh the restoring job uses.
 """
 
-import os
 import signal
 import uuid
 from typing import Optional
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from lumenvq import paths
 from lumenvq.training import input_checkpoint, param_io
 
 ITEMS = ("params", "opt_state", "model_state")
@@ -35,13 +37,11 @@ class CheckpointError(ValueError):
 
 def check_writable(directory: str) -> str:
   """Creates `directory` and proves it writable, before any compute is spent."""
-  directory = os.path.abspath(directory)
-  probe = os.path.join(directory, f".write_probe_{uuid.uuid4().hex}")
+  directory = paths.resolve(directory)
   try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    probe = paths.makedirs(directory) / f".write_probe_{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise CheckpointError(f"MODEL_DIR {directory} is not writable: {e}") from e
   return directory
@@ -54,7 +54,7 @@ class Checkpointer:
   def __init__(
       self, directory: str, save_every: int = 1000, keep: int = 3, async_save: bool = True
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.save_every = save_every
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -92,7 +92,7 @@ class Checkpointer:
 
   def _check_shapes(self, step: int, abstract_state):
     stored = self.manager.item_metadata(step)
-    source = os.path.join(self.directory, str(step))
+    source = paths.join(self.directory, str(step))
     tree = lambda item: getattr(stored[item], "tree", stored[item])
     try:
       param_io.check_shapes(abstract_state.params, tree("params")["params"], source)
@@ -165,8 +165,8 @@ def restore_param_dir(path: str, abstract_params, fresh_params=None):
 def restore_model_state_dir(params_path: str, abstract_model_state):
   """The model state saved next to a training checkpoint's `params` item
   (`<step>/model_state`); a bare parameter directory has none."""
-  path = os.path.join(os.path.dirname(os.path.abspath(params_path)), "model_state")
-  if not os.path.isdir(path):
+  path = paths.join(paths.path(params_path).parent, "model_state")
+  if not paths.path(path).is_dir():
     raise CheckpointError(
         f"CHECKPOINT_PATH={params_path} holds parameters only, but the model also keeps "
         f"{sorted(abstract_model_state)} (trained codebooks): give MODEL_DIR, or the params "
@@ -198,7 +198,7 @@ def load_state(abstract_state, model_dir=None, step=None, params_path=None):
     return abstract_state.replace(step=0, params=params, model_state=model_state), 0
   if not model_dir:
     raise CheckpointError("give MODEL_DIR (with checkpoints/) or a CHECKPOINT_PATH")
-  ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"))
+  ckpt = Checkpointer(paths.join(model_dir, "checkpoints"))
   try:
     state = ckpt.restore(abstract_state, step)
     return state, int(state.step)

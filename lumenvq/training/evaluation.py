@@ -7,7 +7,6 @@ all predictions (process 0 writes them).
 """
 
 import json
-import os
 import time
 from typing import Callable, Iterator, Optional
 
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 import tqdm
 
+from lumenvq import paths
 from lumenvq.training import input_pipeline
 
 
@@ -123,11 +123,9 @@ def write_predictions(path: str, source, pairs, kilt: bool) -> None:
   exists is complete."""
   if jax.process_index() != 0:
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with paths.atomic_open(path) as f:
     for record in prediction_records(source, pairs, kilt):
       f.write(json.dumps(record) + "\n")
-  os.replace(tmp, path)
 
 
 def prediction_records(source, pairs, kilt: bool) -> Iterator[dict]:

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 import gin
 from absl import app, flags, logging
 
+from lumenvq import paths
+
 flags.DEFINE_multi_string("gin_file", [], "gin files, in order; later ones override.")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings (`--gin.NAME=VALUE` adds these).")
 flags.DEFINE_list("gin_search_paths", [], "Directories searched for gin files and includes.")
@@ -154,12 +156,9 @@ def write_config(directory: str, name: str = "config.gin") -> str:
   """Writes the operative gin config (what the run used) atomically; process 0 only."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(directory, name)
+  path = paths.join(directory, name)
   if jax.process_index() == 0:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(gin.operative_config_str())
-    os.replace(tmp, path)
+    paths.write_text(path, gin.operative_config_str())
   return path
 
 

@@ -4,13 +4,13 @@ Used by checkpoint import (checkpoint_import) and by anything that restores a
 bare parameter tree; the trainer's CheckpointManager keeps whole train states.
 """
 
-import os
-
 import flax
 import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from lumenvq import paths
 
 
 def flat_names(tree) -> dict:
@@ -47,7 +47,7 @@ def check_shapes(expected, actual, source: str, what: str = "parameter"):
 
 def save_params(directory: str, params) -> None:
   """Writes `{"params": params}`; orbax finalises the directory atomically."""
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory, {"params": jax.tree_util.tree_map(np.asarray, params)})
   ckptr.wait_until_finished()
@@ -60,8 +60,8 @@ def restore_params(directory: str, abstract_params=None, fresh_params=None):
   `fresh_params` (a tree like `abstract_params`): parameters the checkpoint lacks are taken
   from it instead of refused (T5X's fallback_to_scratch: a LUMEN checkpoint starts a reader
   with a new head). Parameters it has but the network lacks are still refused."""
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = paths.resolve(directory)
+  if not paths.path(directory).is_dir():
     raise FileNotFoundError(f"no parameter checkpoint at {directory}")
   ckptr = ocp.StandardCheckpointer()
   if abstract_params is None:

@@ -1,5 +1,6 @@
 """Training metrics: averaged over each logging window, logged, and written as
-TensorBoard event files (tensorboardX; process 0 only).
+TensorBoard event files (tensorboardX, which writes gs:// directories through
+google-cloud-storage; process 0 only).
 
 Per-step metrics stay on device until a window closes, so logging every N
 steps costs one device-to-host transfer per N steps, not one per step.
@@ -14,6 +15,8 @@ import gin
 import jax
 import numpy as np
 from absl import logging
+
+from lumenvq import paths
 
 
 def _import_tensorboardx():
@@ -35,10 +38,10 @@ class ScalarWriter:
   """TensorBoard scalars under `log_dir`, written by process 0, flushed on each write."""
 
   def __init__(self, log_dir: str):
-    self.log_dir = log_dir
+    self.log_dir = paths.resolve(log_dir)
     self._writer = None
     if jax.process_index() == 0:
-      self._writer = _import_tensorboardx().SummaryWriter(log_dir, flush_secs=30)
+      self._writer = _import_tensorboardx().SummaryWriter(self.log_dir, flush_secs=30)
 
   def write(self, step: int, scalars: dict):
     if self._writer is None:
@@ -50,6 +53,7 @@ class ScalarWriter:
   def close(self):
     if self._writer is not None:
       self._writer.close()
+      self._writer = None  # Its gs:// file's finalizer uploads once more: now, not at exit.
 
 
 # The trainer's own metrics; any other one a model adds (LUMEN-VQ's `quantizer/*`) is a
