@@ -113,8 +113,9 @@ def test_kept_length_and_honest_bytes():
   assert pruned.compression_ratio(t5) == pytest.approx(512 / 8.5)
 
 
-@pytest.mark.parametrize("method", token_pruning.METHODS)
-@pytest.mark.parametrize("arch", ["lumen", "lumen_vq"])
+@pytest.mark.parametrize(
+    "arch, method", [("lumen_vq", m) for m in token_pruning.METHODS] + [("lumen", "learned")]
+)
 def test_budget_one_is_the_unpruned_reader_exactly(arch, method):
   plain = _reader(arch)
   pruned = _reader(arch, TokenPruning(method=method, budget=1.0))
