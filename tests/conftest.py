@@ -14,6 +14,16 @@ import gin  # pylint: disable=g-import-not-at-top,wrong-import-position  (after 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.fixture(autouse=True)
+def gin_unlocked_after_each_test():
+  """A test that parses gin as the CLIs do leaves the config finalized, i.e. locked, and
+  `with gin.unlock_config()` restores that lock on exit: the next test on the same worker
+  would fail to parse. gin.clear_config() unlocks."""
+  yield
+  if gin.config_is_locked():
+    gin.clear_config()
+
+
 @pytest.fixture(scope="session")
 def cxx_compiler():
   """The C++ compiler setup.py would build the csrc/ libraries with, or None: where there is one,
@@ -28,13 +38,12 @@ def reader_from_gin():
   from lumenvq.training import gin_cli
 
   def build(gin_files, bindings):
-    with gin.unlock_config():
+    gin.clear_config()
+    gin_cli.parse_gin(gin_files, bindings)
+    try:
+      return reader_models.ReaderModel()
+    finally:
       gin.clear_config()
-      gin_cli.parse_gin(gin_files, bindings)
-      try:
-        return reader_models.ReaderModel()
-      finally:
-        gin.clear_config()
 
   return build
 

@@ -96,14 +96,12 @@ def _params(model_dir, step):
 
 def _train_in_process(model_dir, steps):
   """The single-process reference: 8 devices, mesh (8, 1), the same global batch."""
-  with gin.unlock_config():
-    gin.clear_config()
+  gin.clear_config()
   gin_cli.parse_gin([GIN_FILE], BINDINGS + [f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {steps}"])
   try:
     assert train_cli.train() == steps
   finally:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()
 
 
 def test_two_processes_train_save_restore_preempt_and_match_one(tmp_path):

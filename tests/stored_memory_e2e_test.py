@@ -117,8 +117,7 @@ def world(request, tmp_path_factory, reader_from_gin):
           passages=str(root / "passages"),
       )
     finally:
-      with gin.unlock_config():
-        gin.clear_config()
+      gin.clear_config()
 
 
 def _evaluate(world, reader, roll=0):

@@ -334,13 +334,11 @@ def test_gin_typo_stops_with_the_closest_names(env, tmp_path):
       ("Trainr.seed = 1", "Closest names to 'Trainr': Trainer"),
       ("train.model_dir = %MODEL_DR", "Closest names to 'MODEL_DR': MODEL_DIR"),
   ]:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()
     with pytest.raises(gin_cli.GinConfigError, match=hint):
       gin_cli.parse_gin(["gin_configs/debug/tiny_train.gin"], [binding])
       gin_cli.call_with_gin_errors(train_cli.train)
-  with gin.unlock_config():
-    gin.clear_config()
+  gin.clear_config()
 
 
 def test_gin_flags_are_rewritten_like_t5x():

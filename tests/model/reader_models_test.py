@@ -293,8 +293,7 @@ def test_train_step_runs_without_model_state(arch):
 
 def _parse(run, *files, bindings=()):
   """The model `run.model` (train, evaluate, infer) gets from these gin files."""
-  with gin.unlock_config():
-    gin.clear_config()
+  gin.clear_config()
   gin.add_config_file_search_path(REPO)
   gin.parse_config_files_and_bindings(
       [os.path.join(REPO, f) for f in files], list(bindings), finalize_config=False
@@ -334,5 +333,4 @@ def test_architecture_gin_files_choose_the_model_for_every_run(arch):
     plain = _parse("evaluate", "gin_configs/runs/eval.gin", "gin_configs/debug/tiny_task.gin")
     assert type(plain) is models.EncoderDecoderModel
   finally:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()

@@ -231,8 +231,7 @@ def test_eval_and_infer_clis_read_the_store(world, compute_predictions, tmp_path
     (written,) = infer_cli.infer(model=_model("device", path), **common)
     metrics = eval_cli.evaluate(model=_model("host", path), **common)
   finally:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()
   with open(written) as f:
     records = [json.loads(line) for line in f]
   assert os.path.basename(written) == f"{TASK}-validation-{STEP}.jsonl"
@@ -356,8 +355,7 @@ def test_settings_are_checked():
 
 def test_gin_file_chooses_the_reader():
   try:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()
     gin.add_config_file_search_path(REPO)
     gin.parse_config_files_and_bindings(
         [
@@ -376,5 +374,4 @@ def test_gin_file_chooses_the_reader():
     assert model.memory == stored_memory.MemorySource("host", "/stores/vq")
     assert model.feature_converter(LENGTHS).passage_ids
   finally:
-    with gin.unlock_config():
-      gin.clear_config()
+    gin.clear_config()
