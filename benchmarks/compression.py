@@ -323,16 +323,33 @@ def _plot(rows, spread, name) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  groups = sorted({r["group"] for r in rows if r["group"] not in ("ablation", "scale_down")})
-  for group in groups:
+  # One line per method over its seed-0 models; other seeds as loose points of its colour;
+  # the bf16 references as labelled points (LUMEN-Light is not a point of any line).
+  for group in sorted({r["group"] for r in rows if r["group"] not in ("ablation", "reference")}):
     mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["bytes_per_token"])
-    ax.errorbar(
-        [r["bytes_per_token"] for r in mine],
-        [r["avg_em"] for r in mine],
+    line = ax.errorbar(
+        [r["bytes_per_token"] for r in mine if r["seed"] == 0],
+        [r["avg_em"] for r in mine if r["seed"] == 0],
         yerr=(spread or 0) / 2,
         marker="o",
         capsize=2,
         label=group,
+    )
+    others = [r for r in mine if r["seed"] != 0]
+    ax.plot(
+        [r["bytes_per_token"] for r in others],
+        [r["avg_em"] for r in others],
+        "x",
+        color=line.lines[0].get_color(),
+    )
+  for r in (r for r in rows if r["group"] == "reference"):
+    ax.plot(r["bytes_per_token"], r["avg_em"], "s", color="black")
+    ax.annotate(
+        r["model"],
+        (r["bytes_per_token"], r["avg_em"]),
+        fontsize=7,
+        xytext=(-60, 4),
+        textcoords="offset points",
     )
   lumen = next(r for r in rows if r["model"] == "lumen")["avg_em"]
   ax.axhline(lumen, linestyle="--", color="gray", label="LUMEN (bf16)")
