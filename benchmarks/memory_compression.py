@@ -2,7 +2,7 @@
 MEMORY-VQ's ablations at small scale. One run, every model with benchmarks/quality.py's
 recipe (gin_configs/demo, the demo world, LUMEN trained first):
 
-    python benchmarks/compression.py [--out demo_out] [--only frontier|ablations]
+    python benchmarks/memory_compression.py [--out demo_out] [--only frontier|ablations]
 
 Frontier (every model from the trained LUMEN checkpoint, `--vq_steps` more steps, as
 MEMORY-VQ does): product quantization at 8x / 16x / 32x / 64x over bf16 (32 / 16 / 8 / 4
@@ -23,7 +23,7 @@ of uint8 codes vs 8 of uint16); scale-down baselines (LUMEN with d = 64 and 32 f
 
 Every stage is skipped when its output exists (checkpoints, metrics, COMPLETE), so a rerun
 resumes. About 70 minutes on 2 cores from nothing; the demo's LUMEN and LUMEN-VQ are reused.
-Writes benchmarks/results/compression.json and compression.png (the Pareto curve).
+Writes benchmarks/results/memory_compression.json and memory_compression.png (the Pareto curve).
 """
 
 import argparse
@@ -33,15 +33,8 @@ import os
 import statistics
 import sys
 
-BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCHMARKS)
-# This file's name is the standard library's `compression` package (Python 3.14), which jax
-# tries to import: import jax before this folder is on the path, so that jax finds the real
-# one (or none), not this script.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != BENCHMARKS]
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-
-sys.path[:0] = [REPO, BENCHMARKS]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 os.chdir(REPO)
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -310,7 +303,9 @@ def main(argv=None):
   targets = _targets(by_name, spread) if "lumen" in by_name and not args.models else {}
   print("targets:", json.dumps(targets))
   # A part or a subset gets a name of its own: it must not read as the whole benchmark.
-  name = "compression" if not (args.only or args.models) else f"compression_{args.only or 'subset'}"
+  name = "memory_compression"
+  if args.only or args.models:
+    name += f"_{args.only or 'subset'}"
   report.write_results(name, rows, targets=targets, settings=vars(args))
   if "lumen" in by_name:
     _plot(rows, spread, name)
