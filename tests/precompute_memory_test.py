@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from lumenvq import precompute_memory
+from lumenvq import paths, precompute_memory
 from lumenvq.data import demo, kilt, passages, vocab
 from lumenvq.data.passage_table import PassageTable
 from lumenvq.memory import memory_store, store_fingerprint
@@ -238,13 +238,15 @@ def env(tmp_path_factory):
 
 
 def _files(store):
-  """{relative path: bytes} of the arrays (values, lengths, codebooks)."""
+  """{relative path: bytes} of the arrays (values, lengths, codebooks), local or gs://."""
+  root = paths.path(str(store))
   out = {}
   for array in ("values", "lengths", "codebooks"):
-    for root, _, files in os.walk(os.path.join(store, array)):
-      for f in files:
-        path = os.path.join(root, f)
-        out[os.path.relpath(path, store)] = open(path, "rb").read()
+    for directory, _, files in (root / array).walk():
+      # A gs:// walk names directories without the scheme: key by what follows the store.
+      sub = str(directory).split(f"{root.name}/", 1)[1]
+      for name in files:
+        out[f"{sub}/{name}"] = (root / sub / name).read_bytes()
   return out
 
 
@@ -289,8 +291,18 @@ def test_two_processes_write_disjoint_shards_of_the_same_store(world, vq_store, 
   _assert_same_store(store, vq_store)
 
 
-def test_kill_9_then_rerun_completes_a_byte_identical_store(world, vq_store, env, tmp_path):
-  store = tmp_path / "store"
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_kill_9_then_rerun_completes_a_byte_identical_store(
+    world, vq_store, env, tmp_path, where, request
+):
+  """Also on an object store (the local Cloud Storage server): a shard's done marker is an
+  object written after its arrays, and COMPLETE after every marker, so no listing of a
+  killed run's objects reads as a finished store."""
+  if where == "gs":
+    store = f"{request.getfixturevalue('gcs_bucket')}/precompute-kill-{os.getpid()}"
+    env = {**os.environ, **env}  # The server's settings, which gcs_bucket put in os.environ.
+  else:
+    store = str(tmp_path / "store")
   proc = subprocess.Popen(
       _command(world, store),
       cwd=REPO,
@@ -298,22 +310,24 @@ def test_kill_9_then_rerun_completes_a_byte_identical_store(world, vq_store, env
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
   )
-  first = store / "done" / "0"
+  first = paths.path(store) / "done" / "0"
   deadline = time.time() + 240
   while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.002)
+    time.sleep(0.002 if where == "local" else 0.02)
   proc.kill()
   assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
   num_shards = len(range(0, len(PassageTable(world["passages"])), SHARD))
-  done = sorted(int(name) for name in os.listdir(store / "done"))
+  done = sorted(int(p.name) for p in (paths.path(store) / "done").iterdir())
   print(f"killed after {len(done)} of {num_shards} shards")
   assert 1 <= len(done) < num_shards
   with pytest.raises(
       memory_store.StoreError, match=f"incomplete: {len(done)} of {num_shards} shards done; rerun"
   ):
-    MemoryStore.open(str(store))
-  marker_times = {s: os.stat(store / "done" / str(s)).st_mtime_ns for s in done}
+    MemoryStore.open(store)
+  marker = lambda s: (paths.path(store) / "done" / str(s)).stat().mtime
+  marker_times = {s: marker(s) for s in done}
+  assert all(marker_times.values())  # Object stores report modification times too.
   _precompute(world, "lumen_vq", store)
-  assert {s: os.stat(store / "done" / str(s)).st_mtime_ns for s in done} == marker_times
+  assert {s: marker(s) for s in done} == marker_times  # Done shards are not written again.
   assert MemoryStore.open(str(store)).done_shards() == set(range(num_shards))
   _assert_same_store(store, vq_store)
