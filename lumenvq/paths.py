@@ -51,6 +51,13 @@ def join(base: PathLike, *parts: str) -> str:
   return os.fspath(path(base).joinpath(*parts))
 
 
+def tree_bytes(directory: PathLike) -> int:
+  """Bytes of every file under `directory` (an object prefix on gs://): one listing of the
+  whole tree (fsspec's `du`; epath has no recursive size)."""
+  fs, root = fsspec.core.url_to_fs(resolve(directory))
+  return int(fs.du(root, total=True))
+
+
 def makedirs(directory: PathLike) -> epath.Path:
   """Creates `directory` and its parents (a no-op on an object store); returns it."""
   p = path(directory)

@@ -331,3 +331,9 @@ def test_kill_9_then_rerun_completes_a_byte_identical_store(
   assert {s: marker(s) for s in done} == marker_times  # Done shards are not written again.
   assert MemoryStore.open(str(store)).done_shards() == set(range(num_shards))
   _assert_same_store(store, vq_store)
+  size = MemoryStore.open(str(store)).bytes_on_disk()  # Every object, markers included.
+  assert (
+      size
+      == MemoryStore.open(str(vq_store)).bytes_on_disk()
+      > sum(map(len, _files(store).values()))
+  )

@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from lumenvq import paths
 from lumenvq.memory.shard_rows import ShardReadError, ShardRowReader
 from lumenvq.quant import pq_codec
 
@@ -572,14 +573,8 @@ class MemoryStore:
     return np.arange(passage_length) < np.asarray(lengths)[..., None]
 
   def bytes_on_disk(self) -> int:
-    """Every byte under the store, metadata included (local stores)."""
-    if self._kv_spec["driver"] != "file":
-      raise StoreError(f"memory store {self.path}: bytes_on_disk measures local stores only")
-    return sum(
-        os.path.getsize(os.path.join(root, f))
-        for root, _, files in os.walk(self._kv_spec["path"])
-        for f in files
-    )
+    """Every byte under the store, metadata included (local or gs://)."""
+    return paths.tree_bytes(self.path)
 
 
 class PendingRead:
