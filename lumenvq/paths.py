@@ -41,9 +41,9 @@ def resolve(path: PathLike) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
-def path(p: PathLike) -> epath.Path:
-  """`resolve(p)` as an epath.Path."""
-  return epath.Path(resolve(p))
+def path(p: PathLike, *parts: str) -> epath.Path:
+  """`resolve(p)`, joined with `parts`, as an epath.Path."""
+  return epath.Path(resolve(p)).joinpath(*parts)
 
 
 def join(base: PathLike, *parts: str) -> str:
@@ -81,16 +81,16 @@ def atomic_open(target: PathLike, mode: str = "w") -> Iterator:
     if directory is not None:
       os.replace(tmp, final)
     else:
-      _upload(tmp, final)
+      upload(tmp, final)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
 
 
-def _upload(local: str, remote: epath.Path) -> None:
-  """Streams `local` to `remote` as one object; an interrupted upload is abandoned, so it
-  does not publish a truncated object."""
-  out = remote.open("wb")
+def upload(local: str, remote: PathLike) -> None:
+  """Streams the local file `local` to `remote` as one object; an interrupted upload is
+  abandoned, so it does not publish a truncated object."""
+  out = path(remote).open("wb")
   try:
     with open(local, "rb") as f:
       shutil.copyfileobj(f, out, 1 << 20)

@@ -52,11 +52,13 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 import tqdm
 
+from lumenvq import paths
 from lumenvq.data import kilt
 from lumenvq.data.passage_table import FORMAT_VERSION, MANIFEST
 
@@ -71,6 +73,7 @@ _BULLET = re.compile(
 _WORD = re.compile(r"\S+")
 _MAX_REPORTED = 10
 _CHUNK = 1 << 24
+SHARD_STATS = "stats.json"  # A shard's summary, and its commit marker (`_shard_built`).
 
 
 # ----------------------------------------------------------------------------
@@ -80,7 +83,7 @@ _CHUNK = 1 << 24
 def line_numbers(path: str, offsets: Sequence[int]) -> list[int]:
   """1-based line numbers of byte offsets, by counting newlines (used only to report)."""
   result, count, pos = [], 0, 0
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for offset in sorted(offsets):
       while pos < offset:
         chunk = f.read(min(_CHUNK, offset - pos))
@@ -102,8 +105,8 @@ def iter_pages(
   Lines are parsed by `kilt.parse_knowledge_page`; the byte range is what
   lets shards read only their part of the 35 GB file.
   """
-  end = os.path.getsize(path) if end is None else end
-  with open(path, "rb") as f:
+  end = paths.path(path).stat().length if end is None else end
+  with paths.path(path).open("rb") as f:
     pos = start
     if start > 0:
       f.seek(start - 1)
@@ -200,7 +203,7 @@ def _settings(knowledge_source: str, words: int, passage_format: str, num_shards
       "words": words,
       "passage_format": passage_format,
       "num_shards": num_shards,
-      "source_size": os.path.getsize(knowledge_source),
+      "source_size": paths.path(knowledge_source).stat().length,
   }
 
 
@@ -228,19 +231,21 @@ def build_shard(
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
   name = shard_name(shard_index, num_shards)
-  final = os.path.join(out_dir, "shards", name)
-  if os.path.isdir(final):
-    with open(os.path.join(final, "stats.json")) as f:
-      stats = json.load(f)
+  final = paths.join(out_dir, "shards", name)
+  if _shard_built(final):
+    stats = json.loads(paths.path(final, SHARD_STATS).read_text())
     if stats["settings"] != settings:
       raise ValueError(
           f"{final} was built with {stats['settings']}, not {settings}: "
           "use another --out or delete it"
       )
     return stats
-  tmp = os.path.join(out_dir, "shards", f".tmp-{name}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  if paths.is_remote(final):  # Built on local disk, then uploaded (`_publish`).
+    tmp = tempfile.mkdtemp(prefix=f"lumenvq-{name}-")
+  else:
+    tmp = os.path.join(out_dir, "shards", f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
   size = settings["source_size"]
   start, end = size * shard_index // num_shards, size * (shard_index + 1) // num_shards
   skipped: list = [] if skip_bad_lines else None
@@ -301,14 +306,9 @@ def build_shard(
           for line, (_, wid) in zip(lines[len(bad[:_MAX_REPORTED]) :], empty_pages)
       ],
   }
-  with open(os.path.join(tmp, "stats.json"), "w") as f:
+  with open(os.path.join(tmp, SHARD_STATS), "w") as f:
     json.dump(stats, f, indent=1)
-  try:
-    os.replace(tmp, final)
-  except OSError:  # another process finished the same shard first
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isdir(final):
-      raise
+  _publish(tmp, final)
   if bad:
     logger.warning("%s: skipped %d bad line(s); first: %s", name, len(bad), stats["skipped"][0])
   if empty_pages:
@@ -325,46 +325,69 @@ def build_shard(
 # Finalize: global index, fingerprint, manifest.
 
 
+def _shard_built(shard_dir: str) -> bool:
+  """Its stats are its commit marker: renamed in with the whole directory (local) or
+  uploaded after every other file of it (object store)."""
+  return paths.path(shard_dir, SHARD_STATS).exists()
+
+
+def _publish(tmp: str, final: str) -> None:
+  """Moves the finished local shard directory `tmp` to `final`. Local: one rename (if another
+  process finished the same shard first, its copy stays). Remote, where there is no rename:
+  every file uploaded whole, the stats last."""
+  if not paths.is_remote(final):
+    try:
+      os.replace(tmp, final)
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if not _shard_built(final):
+        raise
+    return
+  try:
+    for name in sorted(os.listdir(tmp), key=lambda n: n == SHARD_STATS):
+      paths.upload(os.path.join(tmp, name), paths.join(final, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _read_bytes(path: str) -> Iterator[bytes]:
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       yield chunk
 
 
+def _load_npy(path: str) -> np.ndarray:
+  with paths.path(path).open("rb") as f:
+    return np.load(f)
+
+
 def _replace_npy(path: str, array: np.ndarray) -> None:
-  _save(path + ".tmp", array)
-  os.replace(path + ".tmp", path)
+  with paths.atomic_open(path, "wb") as f:
+    np.save(f, array)
 
 
 def finalize(out_dir: str, num_shards: int) -> dict:
   """Check that all shards are there and agree, write the index and then the manifest."""
-  shard_dirs = [
-      os.path.join(out_dir, "shards", shard_name(i, num_shards)) for i in range(num_shards)
-  ]
-  missing = [i for i, d in enumerate(shard_dirs) if not os.path.isdir(d)]
+  shard_dirs = [paths.join(out_dir, "shards", shard_name(i, num_shards)) for i in range(num_shards)]
+  missing = [i for i, d in enumerate(shard_dirs) if not _shard_built(d)]
   if missing:
     raise FileNotFoundError(
         f"{out_dir}: shards {missing[:20]} of {num_shards} are not built yet "
         "(run with --shard_index for each)"
     )
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # the table is invalid while its index is rewritten
-  stats = []
-  for d in shard_dirs:
-    with open(os.path.join(d, "stats.json")) as f:
-      stats.append(json.load(f))
+  manifest_path = paths.join(out_dir, MANIFEST)
+  paths.path(manifest_path).unlink(missing_ok=True)  # Invalid while its index is rewritten.
+  stats = [json.loads(paths.path(d, SHARD_STATS).read_text()) for d in shard_dirs]
   for d, s in zip(shard_dirs, stats):
     if s["settings"] != stats[0]["settings"]:
       raise ValueError(f"{d} was built with {s['settings']}, shard 0 with {stats[0]['settings']}")
-  counts = np.concatenate([np.load(os.path.join(d, "page_counts.npy")) for d in shard_dirs]).astype(
-      np.int64
-  )
+  counts = np.concatenate([_load_npy(paths.join(d, "page_counts.npy")) for d in shard_dirs])
+  counts = counts.astype(np.int64)
   num_pages = len(counts)
   page_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   wids: list[bytes] = []
   for d in shard_dirs:
-    with open(os.path.join(d, "pages.bin"), "rb") as f:
+    with paths.path(d, "pages.bin").open("rb") as f:
       wids.extend(json.loads(line)[0].encode("utf-8") for line in f)
   keys = np.array(wids, dtype=bytes) if wids else np.zeros(0, "S1")
   order = np.argsort(keys, kind="stable")
@@ -376,8 +399,7 @@ def finalize(out_dir: str, num_shards: int) -> dict:
         f"wikipedia_id {sorted_keys[i].decode()} is on two pages of the knowledge source "
         f"(pages {order[i]} and {order[i + 1]} in file order)"
     )
-  index_dir = os.path.join(out_dir, "index")
-  os.makedirs(index_dir, exist_ok=True)
+  index_dir = os.fspath(paths.makedirs(paths.join(out_dir, "index")))
   _replace_npy(
       os.path.join(index_dir, "passage_page.npy"),
       np.repeat(np.arange(num_pages, dtype=np.int32), counts),
@@ -389,16 +411,16 @@ def finalize(out_dir: str, num_shards: int) -> dict:
   # Content fingerprint: streams whose concatenation over shards is independent of the sharding.
   streams = {k: hashlib.sha256() for k in ("text", "lengths", "spans", "pages", "page_counts")}
   for d in shard_dirs:
-    for chunk in _read_bytes(os.path.join(d, "text.bin")):
+    for chunk in _read_bytes(paths.join(d, "text.bin")):
       streams["text"].update(chunk)
     streams["lengths"].update(
-        np.diff(np.load(os.path.join(d, "text_offsets.npy"))).astype("<i8").tobytes()
+        np.diff(_load_npy(paths.join(d, "text_offsets.npy"))).astype("<i8").tobytes()
     )
-    streams["spans"].update(np.load(os.path.join(d, "spans.npy")).astype("<i4").tobytes())
-    for chunk in _read_bytes(os.path.join(d, "pages.bin")):
+    streams["spans"].update(_load_npy(paths.join(d, "spans.npy")).astype("<i4").tobytes())
+    for chunk in _read_bytes(paths.join(d, "pages.bin")):
       streams["pages"].update(chunk)
     streams["page_counts"].update(
-        np.load(os.path.join(d, "page_counts.npy")).astype("<i4").tobytes()
+        _load_npy(paths.join(d, "page_counts.npy")).astype("<i4").tobytes()
     )
   settings = {
       k: v for k, v in stats[0]["settings"].items() if k not in ("num_shards", "source_size")
@@ -427,9 +449,7 @@ def finalize(out_dir: str, num_shards: int) -> dict:
       "pages_without_passages": sum(s["pages_without_passages"] for s in stats),
       "reports": [r for s in stats for r in s["skipped"] + s["without_passages"]][:_MAX_REPORTED],
   }
-  with open(manifest_path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(manifest_path + ".tmp", manifest_path)
+  paths.write_text(manifest_path, json.dumps(manifest, indent=1))  # Last: the table's marker.
   return manifest
 
 

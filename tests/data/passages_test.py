@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from lumenvq import paths
 from lumenvq.data import kilt, passage_table, passages
 
 
@@ -111,3 +112,33 @@ def test_cli_builds_shards_then_finalizes(tmp_path, capsys, build_table, write_s
   passages.main(["--out", out, "--num_shards", "2", "--finalize"])
   assert "9 passages from 5 pages" in capsys.readouterr().out
   assert passage_table.PassageTable(out).fingerprint == build_table("ref").fingerprint
+
+
+def test_a_table_built_on_gs_equals_the_local_one(
+    gcs_bucket, build_table, write_source, table_pages, tmp_path
+):
+  """Knowledge source and table on the local Cloud Storage server, 3 shards built one process
+  each, then finalized: each shard's stats object comes last, the manifest after the index."""
+  local = build_table("local", num_shards=3)
+  prefix = f"{gcs_bucket}/passages-{os.getpid()}"
+  source = f"{prefix}/ks.json"
+  paths.upload(write_source(tmp_path / "ks.json", table_pages), source)
+  out = f"{prefix}/table"
+  common = dict(words=5, progress=False)
+  passages.build_shard(source, out, 0, 3, **common)
+  with pytest.raises(FileNotFoundError, match=r"shards \[1, 2\] of 3 are not built yet"):
+    passages.finalize(out, 3)
+  assert not paths.path(out, passage_table.MANIFEST).exists()
+  for i in (1, 2):
+    passages.build_shard(source, out, i, 3, **common)
+  passages.finalize(out, 3)
+  remote = passage_table.PassageTable(out)
+  assert remote.fingerprint == local.fingerprint
+  assert remote.get(range(len(remote))) == local.get(range(len(local)))
+  for name in ("passage_page", "page_first", "page_keys", "page_order"):
+    local_bytes = (tmp_path / "local" / "index" / f"{name}.npy").read_bytes()
+    assert paths.path(out, "index", f"{name}.npy").read_bytes() == local_bytes
+  stats = paths.path(out, "shards", passages.shard_name(1, 3), passages.SHARD_STATS)
+  written = stats.stat().mtime
+  passages.build_shard(source, out, 1, 3, **common)
+  assert stats.stat().mtime == written  # A built shard is kept (resume).
