@@ -101,6 +101,30 @@ def upload(local: str, remote: PathLike) -> None:
   out.close()
 
 
+def publish_dir(local_dir: str, target: PathLike, marker: str) -> None:
+  """Moves the finished local directory `local_dir` (flat) to `target`, replacing what was
+  there; its file `marker` says it is complete. Local: one rename (if another process
+  published one in the meantime, that stays). Remote, where there is no rename: the old
+  marker deleted, every file uploaded whole, the marker last."""
+  if not is_remote(target):
+    final = resolve(target)
+    try:
+      shutil.rmtree(final, ignore_errors=True)
+      os.replace(local_dir, final)
+    except OSError:
+      if not os.path.exists(os.path.join(final, marker)):
+        raise
+    finally:
+      shutil.rmtree(local_dir, ignore_errors=True)
+    return
+  try:
+    path(target, marker).unlink(missing_ok=True)
+    for name in sorted(os.listdir(local_dir), key=lambda n: n == marker):
+      upload(os.path.join(local_dir, name), path(target, name))
+  finally:
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
 def write_text(target: PathLike, text: str) -> str:
   """Writes `text` to `target` atomically (see `atomic_open`); returns the path."""
   with atomic_open(target, "w") as f:
@@ -113,6 +137,23 @@ def write_bytes(target: PathLike, data: bytes) -> str:
   with atomic_open(target, "wb") as f:
     f.write(data)
   return resolve(target)
+
+
+def local_copy_dir(p: PathLike, marker: str) -> str:
+  """A local directory with the files of the (flat) directory `p`, for libraries that
+  memory-map files by name (bm25s): `p` itself when local, else a copy cached by the
+  content of its `marker`, which changes whenever the directory is published again."""
+  if not is_remote(p):
+    return resolve(p)
+  key = hashlib.sha256((resolve(p) + path(p, marker).read_text()).encode()).hexdigest()[:32]
+  cached = os.path.join(tempfile.gettempdir(), "lumenvq-remote", f"{key}-{path(p).name}")
+  if not os.path.exists(os.path.join(cached, marker)):
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=makedirs(os.path.dirname(cached)))
+    for item in path(p).iterdir():
+      with open(os.path.join(staging, item.name), "wb") as f:
+        f.write(item.read_bytes())
+    publish_dir(staging, cached, marker)
+  return cached
 
 
 def local_copy(p: PathLike) -> str:

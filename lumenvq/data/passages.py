@@ -240,7 +240,7 @@ def build_shard(
           "use another --out or delete it"
       )
     return stats
-  if paths.is_remote(final):  # Built on local disk, then uploaded (`_publish`).
+  if paths.is_remote(final):  # Built on local disk, then uploaded (`paths.publish_dir`).
     tmp = tempfile.mkdtemp(prefix=f"lumenvq-{name}-")
   else:
     tmp = os.path.join(out_dir, "shards", f".tmp-{name}")
@@ -308,7 +308,7 @@ def build_shard(
   }
   with open(os.path.join(tmp, SHARD_STATS), "w") as f:
     json.dump(stats, f, indent=1)
-  _publish(tmp, final)
+  paths.publish_dir(tmp, final, SHARD_STATS)
   if bad:
     logger.warning("%s: skipped %d bad line(s); first: %s", name, len(bad), stats["skipped"][0])
   if empty_pages:
@@ -329,25 +329,6 @@ def _shard_built(shard_dir: str) -> bool:
   """Its stats are its commit marker: renamed in with the whole directory (local) or
   uploaded after every other file of it (object store)."""
   return paths.path(shard_dir, SHARD_STATS).exists()
-
-
-def _publish(tmp: str, final: str) -> None:
-  """Moves the finished local shard directory `tmp` to `final`. Local: one rename (if another
-  process finished the same shard first, its copy stays). Remote, where there is no rename:
-  every file uploaded whole, the stats last."""
-  if not paths.is_remote(final):
-    try:
-      os.replace(tmp, final)
-    except OSError:
-      shutil.rmtree(tmp, ignore_errors=True)
-      if not _shard_built(final):
-        raise
-    return
-  try:
-    for name in sorted(os.listdir(tmp), key=lambda n: n == SHARD_STATS):
-      paths.upload(os.path.join(tmp, name), paths.join(final, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_bytes(path: str) -> Iterator[bytes]:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import bm25s
@@ -37,6 +38,7 @@ import tqdm
 from bm25s.tokenization import Tokenized, Tokenizer
 from nltk.stem.snowball import SnowballStemmer
 
+from lumenvq import paths
 from lumenvq.data import kilt
 from lumenvq.data.passage_table import PassageTable
 
@@ -87,32 +89,35 @@ class Bm25Index:
 
   @classmethod
   def load_or_build(cls, table: PassageTable, index_dir: str, progress: bool = True) -> "Bm25Index":
-    """Load the index saved for this table in `index_dir`, or build and save it (temp dir + rename)."""
+    """Load the index saved for this table in `index_dir`, or build and save it: written to a
+    local directory, then published with its meta file as the marker (local or gs://)."""
     meta = {
         "fingerprint": table.fingerprint,
         "num_passages": len(table),
         "tokenizer": TOKENIZER_SETTINGS,
     }
-    meta_path = os.path.join(index_dir, _INDEX_META)
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        if json.load(f) == meta:
-          return cls.load(index_dir)
+    meta_path = paths.path(index_dir, _INDEX_META)
+    if meta_path.exists():
+      if json.loads(meta_path.read_text()) == meta:
+        return cls.load(index_dir)
       logger.info("%s was built for another passage table or tokenizer: rebuilding", index_dir)
     index = cls.build(table, progress)
-    tmp = f"{index_dir}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if paths.is_remote(index_dir):
+      tmp = tempfile.mkdtemp(prefix="lumenvq-bm25-")
+    else:
+      tmp = f"{index_dir}.tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
     index.retriever.save(tmp, show_progress=False)
     index.tokenizer.save_vocab(tmp)
     index.tokenizer.save_stopwords(tmp)
     with open(os.path.join(tmp, _INDEX_META), "w") as f:
       json.dump(meta, f)
-    shutil.rmtree(index_dir, ignore_errors=True)
-    os.replace(tmp, index_dir)
+    paths.publish_dir(tmp, index_dir, _INDEX_META)
     return index
 
   @classmethod
   def load(cls, index_dir: str) -> "Bm25Index":
+    index_dir = paths.local_copy_dir(index_dir, _INDEX_META)  # bm25s memory-maps its arrays.
     retriever = bm25s.BM25.load(index_dir, load_vocab=True, mmap=True, show_progress=False)
     tokenizer = make_tokenizer()
     tokenizer.load_vocab(index_dir)
@@ -144,7 +149,7 @@ def output_path(out_dir: str, kilt_file: str) -> str:
   """Where the retrieval file for `kilt_file` goes: X-kilt.jsonl -> OUT/X-bm25-kilt.jsonl."""
   name = os.path.basename(kilt_file)
   stem = name[: -len("-kilt.jsonl")] if name.endswith("-kilt.jsonl") else os.path.splitext(name)[0]
-  return os.path.join(out_dir, f"{stem}-bm25-kilt.jsonl")
+  return paths.join(out_dir, f"{stem}-bm25-kilt.jsonl")
 
 
 def _provenance(passage, score: float) -> dict:
@@ -186,14 +191,13 @@ def retrieve_file(
   Skipped when `out_path` and its `.done` record match this input, K and table.
   """
   done = {
-      "input": os.path.abspath(kilt_file),
-      "input_size": os.path.getsize(kilt_file),
+      "input": paths.resolve(kilt_file),
+      "input_size": paths.path(kilt_file).stat().length,
       "k": k,
       "fingerprint": table.fingerprint,
   }
-  if os.path.exists(out_path) and os.path.exists(out_path + ".done"):
-    with open(out_path + ".done") as f:
-      previous = json.load(f)
+  if paths.path(out_path).exists() and paths.path(out_path + ".done").exists():
+    previous = json.loads(paths.path(out_path + ".done").read_text())
     if {key: previous.get(key) for key in done} == done:
       logger.info(
           "%s is up to date (its .done record matches this input, K and passage table); "
@@ -201,11 +205,12 @@ def retrieve_file(
           out_path,
       )
       return previous["records"]
-  count, tmp = 0, out_path + ".tmp"
+  count = 0
   bar = tqdm.tqdm(
       desc=os.path.basename(kilt_file), unit="question", disable=not progress, mininterval=2
   )
-  with open(tmp, "w", encoding="utf-8") as out:
+  paths.path(out_path + ".done").unlink(missing_ok=True)  # The marker goes first, returns last.
+  with paths.atomic_open(out_path, "w") as out:
     for batch in _batches(kilt.read_kilt(kilt_file), batch_size):
       ids, scores = index.search([r.input for r in batch], k, threads)
       for record, row, row_scores in zip(batch, ids, scores):
@@ -220,10 +225,7 @@ def retrieve_file(
       count += len(batch)
       bar.update(len(batch))
   bar.close()
-  os.replace(tmp, out_path)
-  with open(out_path + ".done.tmp", "w") as f:
-    json.dump({**done, "records": count}, f)
-  os.replace(out_path + ".done.tmp", out_path + ".done")
+  paths.write_text(out_path + ".done", json.dumps({**done, "records": count}))
   return count
 
 
@@ -237,14 +239,14 @@ def run(
     progress: bool = True,
 ) -> list[str]:
   """Build or load the index, retrieve for each file; returns the output paths."""
-  missing = [f for f in kilt_files if not os.path.isfile(f)]
+  missing = [f for f in kilt_files if not paths.path(f).is_file()]
   if missing:
     raise FileNotFoundError(f"KILT files not found: {', '.join(missing)}")
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   table = PassageTable(passages_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  index = Bm25Index.load_or_build(table, os.path.join(out_dir, INDEX_DIR), progress)
+  paths.makedirs(out_dir)
+  index = Bm25Index.load_or_build(table, paths.join(out_dir, INDEX_DIR), progress)
   outputs = []
   for kilt_file in kilt_files:
     outputs.append(output_path(out_dir, kilt_file))

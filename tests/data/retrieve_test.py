@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from lumenvq import paths
 from lumenvq.data import kilt, passage_table, passages, retrieve
 
 TOPICS = {
@@ -227,3 +228,34 @@ def test_cli_with_data_dir_and_task_names(world, tmp_path, capsys):
         ]
     )
   assert "nq-train-kilt.jsonl" in capsys.readouterr().err
+
+
+def test_on_gs_the_output_equals_the_local_one_and_the_index_is_reused(
+    world, gcs_bucket, tmp_path, monkeypatch
+):
+  """KILT file and output directory on the local Cloud Storage server: the retrieval file and
+  its .done record are objects written whole, and the BM25 index is saved beside them (its
+  meta object last) and loaded back through a local copy."""
+  root, table = world
+  prefix = f"{gcs_bucket}/retrieve-{os.getpid()}"
+  paths.upload(str(root / "nq-dev-kilt.jsonl"), f"{prefix}/data/nq-dev-kilt.jsonl")
+  [local] = retrieve.run(
+      str(root / "table"), [str(root / "nq-dev-kilt.jsonl")], str(tmp_path), k=3, progress=False
+  )
+  args = (str(root / "table"), [f"{prefix}/data/nq-dev-kilt.jsonl"], f"{prefix}/out")
+  [remote] = retrieve.run(*args, k=3, progress=False)
+  assert remote == f"{prefix}/out/nq-dev-bm25-kilt.jsonl"
+  assert paths.path(remote).read_text() == open(local).read()
+  assert json.loads(paths.path(remote + ".done").read_text())["records"] == len(QUESTIONS)
+  assert paths.path(prefix, "out", retrieve.INDEX_DIR, "lumenvq_index.json").exists()
+
+  def no_build(*a, **kw):
+    raise AssertionError("the index saved on gs:// should have been loaded")
+
+  monkeypatch.setattr(retrieve.Bm25Index, "build", no_build)
+  retrieve.run(*args, k=4, progress=False)  # Another K: rewritten with the loaded index.
+  [record, *_] = [json.loads(line) for line in paths.path(remote).read_text().splitlines()]
+  assert len(record["output"][0]["provenance"]) == 4
+  assert [ids[0] for _, ids in retrieve.read_retrieval(remote, 4, table)] == [
+      ids[0] for _, ids in retrieve.read_retrieval(local, 4, table)
+  ]
