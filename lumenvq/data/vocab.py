@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from typing import Iterator, Sequence
 
 from lumenvq import paths
@@ -47,7 +48,7 @@ def sentence_iterator(
     skip_bad_lines: bool = False,
 ) -> Iterator[str]:
   """Sentences of the knowledge source, all of them or a sample of `max_sentences` (module doc)."""
-  size = os.path.getsize(knowledge_source)
+  size = paths.path(knowledge_source).stat().length
   if max_sentences is None:
     bounds, quota = [(0, size)], math.inf
   else:
@@ -96,11 +97,15 @@ def train_sentencepiece(
     kilt_files: Sequence[str] = (),
 ) -> str:
   """Train a `model_type` (T5's unigram, or bpe) model on the knowledge source and the texts
-  of `kilt_files`; writes `out_prefix.vocab` then `out_prefix.model`, each by rename."""
+  of `kilt_files`; writes `out_prefix.vocab` then `out_prefix.model`, each whole (a rename, or
+  on gs:// one upload of the file trained on local disk): a `.model` is a finished one."""
   import sentencepiece as spm
 
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  tmp = f"{out_prefix}.tmp{os.getpid()}"
+  if paths.is_remote(out_prefix):
+    tmp = os.path.join(tempfile.mkdtemp(prefix="lumenvq-spm-"), "spm")
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    tmp = f"{out_prefix}.tmp{os.getpid()}"
   failure: list[BaseException] = []
 
   def sentences():  # sentencepiece turns our errors into RuntimeError("INTERNAL: ..."): keep the original
@@ -137,8 +142,11 @@ def train_sentencepiece(
       raise failure[0] from None
     raise
   else:
-    os.replace(f"{tmp}.vocab", f"{out_prefix}.vocab")
-    os.replace(f"{tmp}.model", f"{out_prefix}.model")  # last: the model's presence means done
+    for ext in ("vocab", "model"):  # The model last: its presence means done.
+      if paths.is_remote(out_prefix):
+        paths.upload(f"{tmp}.{ext}", f"{out_prefix}.{ext}")
+      else:
+        os.replace(f"{tmp}.{ext}", f"{out_prefix}.{ext}")
   finally:
     for leftover in (f"{tmp}.vocab", f"{tmp}.model"):
       if os.path.exists(leftover):

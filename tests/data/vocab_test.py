@@ -7,6 +7,7 @@ import random
 import pytest
 import sentencepiece as spm
 
+from lumenvq import paths
 from lumenvq.data import kilt, train_vocab, vocab
 
 SYLLABLES = "ka ri mo ten sul par vi lor an dem ush gra fel om tiq ber nos hal cu ze".split()
@@ -150,3 +151,17 @@ def test_bpe_on_task_texts_learns_question_words(source, tmp_path):
     return len(spm.SentencePieceProcessor(model_file=model).encode("zorbflux Qwoxland"))
 
   assert pieces([str(tasks)], "with") < pieces([], "without")  # words only the task file has
+
+
+def test_a_vocabulary_trained_from_and_to_gs_equals_the_local_one(source, gcs_bucket, tmp_path):
+  """Knowledge source and output prefix on the local Cloud Storage server: trained on local
+  disk, uploaded .vocab then .model, and read back by seqio through the path layer."""
+  prefix = f"{gcs_bucket}/vocab-{os.getpid()}"
+  paths.upload(source, f"{prefix}/ks.json")
+  local = vocab.train_sentencepiece(source, str(tmp_path / "spm"), vocab_size=400)
+  remote = vocab.train_sentencepiece(f"{prefix}/ks.json", f"{prefix}/spm", vocab_size=400)
+  assert remote == f"{prefix}/spm.model"
+  # The .model differs only in the trainer's model_prefix (a temporary name); pieces and scores:
+  assert paths.path(f"{prefix}/spm.vocab").read_bytes() == open(tmp_path / "spm.vocab", "rb").read()
+  text = "The karimo tensul near the parvi"
+  assert vocab.get_vocabulary(remote).encode(text) == vocab.get_vocabulary(local).encode(text)
