@@ -16,8 +16,10 @@ import argparse
 import http.client
 import logging
 import os
+import hashlib
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ from typing import Sequence
 
 import tqdm
 
+from lumenvq import paths
 from lumenvq.data import kilt
 
 logger = logging.getLogger(__name__)
@@ -108,22 +111,22 @@ def download_file(
     timeout: float = 60.0,
     backoff_s: float = 2.0,
 ) -> str:
-  """Download `url` to `dest` (resuming `dest.part`); returns `dest`.
+  """Download `url` to `dest`, local or gs:// (resuming its `.part`); returns `dest`.
 
   Interruptions are retried `retries` times, each resuming where the last
-  stopped; a run that still fails leaves `dest.part` for the next run.
+  stopped; a run that still fails leaves the `.part` for the next run.
   """
   name = os.path.basename(dest)
   expected = _remote_size(url, timeout)
-  if os.path.exists(dest):
-    size = os.path.getsize(dest)
+  if paths.path(dest).exists():
+    size = paths.path(dest).stat().length
     if expected is None or size == expected:
       logger.info("%s: already complete (%d bytes), skipped", dest, size)
       return dest
     raise DownloadError(
         f"{dest}: has {size} bytes but {url} has {expected}; delete it to download again"
     )
-  part = dest + ".part"
+  part = _part_path(dest)
   failures = 0
   while True:
     offset = os.path.getsize(part) if os.path.exists(part) else 0
@@ -153,8 +156,23 @@ def download_file(
         f"{name}: got {size} bytes but the server's Content-Length is {expected}; "
         f"{part} kept, delete it to start over"
     )
-  os.replace(part, dest)
+  if paths.is_remote(dest):
+    paths.upload(part, dest)  # One object, visible once whole.
+    os.remove(part)
+  else:
+    os.replace(part, dest)
   return dest
+
+
+def _part_path(dest: str) -> str:
+  """Where `dest` downloads to first: beside it, or, for gs:// (an object cannot be appended
+  to), in the local temp dir under a name of the destination, so that a rerun resumes it."""
+  if not paths.is_remote(dest):
+    return dest + ".part"
+  directory = os.path.join(tempfile.gettempdir(), "lumenvq-download")
+  os.makedirs(directory, exist_ok=True)
+  key = hashlib.sha256(dest.encode()).hexdigest()[:16]
+  return os.path.join(directory, f"{key}-{os.path.basename(dest)}.part")
 
 
 def files_for(tasks: Sequence[str], splits: Sequence[str]) -> list[str]:
@@ -197,11 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not names:
       raise ValueError("nothing to download: give --tasks and/or --knowledge_source")
-    os.makedirs(args.out, exist_ok=True)
+    paths.makedirs(args.out)
     base = args.base_url if args.base_url.endswith("/") else args.base_url + "/"
     for name in names:
-      download_file(base + name, os.path.join(args.out, name), args.retries, not args.no_progress)
-      print(os.path.join(args.out, name))
+      download_file(base + name, paths.join(args.out, name), args.retries, not args.no_progress)
+      print(paths.join(args.out, name))
   except (ValueError, DownloadError, OSError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1

@@ -4,9 +4,11 @@ import http.server
 import os
 import re
 import threading
+import uuid
 
 import pytest
 
+from lumenvq import paths
 from lumenvq.data import download_kilt
 
 PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
@@ -90,19 +92,27 @@ def fetch(server, dest, **kwargs):
   )
 
 
-def test_interrupted_download_resumes_with_range(server, tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_interrupted_download_resumes_with_range(server, tmp_path, where, request):
+  """On gs:// (the local Cloud Storage server) the .part lives on local disk, since objects
+  cannot be appended to, and the object appears only once whole."""
   server.files["nq-dev-kilt.jsonl"] = PAYLOAD
   server.cut_after["nq-dev-kilt.jsonl"] = 3000
-  dest = tmp_path / "nq-dev-kilt.jsonl"
+  if where == "gs":
+    dest = f"{request.getfixturevalue('gcs_bucket')}/kilt-{uuid.uuid4().hex[:8]}/nq-dev-kilt.jsonl"
+    part = download_kilt._part_path(dest)  # pylint: disable=protected-access
+    assert not paths.is_remote(part)
+  else:
+    dest = str(tmp_path / "nq-dev-kilt.jsonl")
+    part = dest + ".part"
   with pytest.raises(
       download_kilt.DownloadError, match="nq-dev-kilt.jsonl: download from .* failed 1 time"
   ):
     fetch(server, dest, retries=0)
-  part = tmp_path / "nq-dev-kilt.jsonl.part"
-  assert not dest.exists() and 0 < part.stat().st_size <= 3000
-  done = part.stat().st_size
+  assert not paths.path(dest).exists() and 0 < os.path.getsize(part) <= 3000
+  done = os.path.getsize(part)
   fetch(server, dest, retries=0)  # a later run picks up the .part file
-  assert dest.read_bytes() == PAYLOAD and not part.exists()
+  assert paths.path(dest).read_bytes() == PAYLOAD and not os.path.exists(part)
   assert ("GET", "nq-dev-kilt.jsonl", f"bytes={done}-") in server.requests
 
 
