@@ -1,21 +1,21 @@
 """VQ attention vs dense attention: time and peak memory vs length, and quality.
 
-  python benchmarks/vq_attention.py            # speed and memory: ~10-17 min on 2 busy cores
-  python benchmarks/vq_attention.py --quality  # + quality: ~30 min more on 2 cores
-  python benchmarks/vq_attention.py --quality --skip_speed  # quality only; keeps the speed rows
+  python benchmarks/vq_attention.py               # speed (~10-17 min on 2 cores) + quality (~30)
+  python benchmarks/vq_attention.py --skip_quality  # speed and memory only
+  python benchmarks/vq_attention.py --skip_speed    # quality only; keeps the speed rows
 
 1. Speed: one causal self-attention layer (projections included) of the T5 network,
    `decoder_self_attention='vq'` vs 'dense', same shape, float32 on CPU: forward and
    forward+backward seconds, and XLA's compiled peak memory (temp + output bytes from
    `memory_analysis()`); dense runs only where its compiled memory fits --dense_limit_gb.
    The log-log slope of vq time vs length (target <= 1.1) and dense/vq at 8k (target >= 3x).
-2. (--quality) Associative recall over --recall_length tokens: --recall_pairs key-value pairs
+2. Associative recall over --recall_length tokens: --recall_pairs key-value pairs
    (one token each) scattered over the first half among filler, then every key again, each to
    be answered with its value; accuracy on those answers of a 2-layer decoder trained the same
    steps with dense and with vq self-attention, over --seeds seeds. Blocks of
    --quality_block_length (T5's biases reach as far): every pair lies beyond the exact window
    of its queries, so vq must retrieve it through the compressed cache.
-3. (--quality) Bits per byte of the same decoder as a byte LM on long documents: the demo world's
+3. Bits per byte of the same decoder as a byte LM on long documents: the demo world's
    pages (`lumenvq.data.demo_world`) joined into one text, cut into --lm_length windows,
    the last tenth held out.
 
@@ -65,12 +65,12 @@ def _flags():
   p.add_argument("--quality_num_codes", type=int, default=256)
   p.add_argument("--seeds", type=int, default=2)
   p.add_argument(
-      "--quality", action="store_true", help="also train the quality comparisons (slow on CPU)"
+      "--skip_quality", action="store_true", help="leave out the quality comparisons (30 min)"
   )
   p.add_argument(
       "--skip_speed",
       action="store_true",
-      help="keep the speed rows of the last results JSON (with --quality: re-run quality only)",
+      help="keep the speed rows of the last results JSON (re-run quality only)",
   )
   return p.parse_args()
 
@@ -372,7 +372,7 @@ def main():
   if not flags.skip_speed:  # Written now and again after quality: speed survives an interrupt.
     report.write_results("vq_attention", rows, quality=[], summary=summary, flags=vars(flags))
     _plot(rows)
-  if flags.quality:
+  if not flags.skip_quality:
     quality_rows = quality(flags)
     report.print_table(
         quality_rows, ["task", "attention", "seed", "steps", "accuracy", "bits_per_byte", "s"]
