@@ -48,7 +48,7 @@ def path(p: PathLike, *parts: str) -> epath.Path:
 
 def join(base: PathLike, *parts: str) -> str:
   """`base/part/...` as a string, for local and remote bases alike."""
-  return os.fspath(path(base).joinpath(*parts))
+  return os.fspath(path(base, *parts))
 
 
 def tree_bytes(directory: PathLike) -> int:
