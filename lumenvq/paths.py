@@ -101,6 +101,18 @@ def upload(local: str, remote: PathLike) -> None:
   out.close()
 
 
+def staging_dir(target: PathLike) -> str:
+  """A fresh local directory to build `target` in before `publish_dir`: beside it when local
+  (one file system, so the rename is atomic), else in the temp dir."""
+  if is_remote(target):
+    return tempfile.mkdtemp(prefix=f"lumenvq-{path(target).name}-")
+  final = resolve(target)
+  staging = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}")
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  return staging
+
+
 def publish_dir(local_dir: str, target: PathLike, marker: str) -> None:
   """Moves the finished local directory `local_dir` (flat) to `target`, replacing what was
   there; its file `marker` says it is complete. Local: one rename (if another process

@@ -51,8 +51,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -240,12 +238,7 @@ def build_shard(
           "use another --out or delete it"
       )
     return stats
-  if paths.is_remote(final):  # Built on local disk, then uploaded (`paths.publish_dir`).
-    tmp = tempfile.mkdtemp(prefix=f"lumenvq-{name}-")
-  else:
-    tmp = os.path.join(out_dir, "shards", f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+  tmp = paths.staging_dir(final)  # Local; published by `paths.publish_dir` below.
   size = settings["source_size"]
   start, end = size * shard_index // num_shards, size * (shard_index + 1) // num_shards
   skipped: list = [] if skip_bad_lines else None
@@ -362,14 +355,17 @@ def finalize(out_dir: str, num_shards: int) -> dict:
   for d, s in zip(shard_dirs, stats):
     if s["settings"] != stats[0]["settings"]:
       raise ValueError(f"{d} was built with {s['settings']}, shard 0 with {stats[0]['settings']}")
-  counts = np.concatenate([_load_npy(paths.join(d, "page_counts.npy")) for d in shard_dirs])
-  counts = counts.astype(np.int64)
+  shard_counts = [_load_npy(paths.join(d, "page_counts.npy")) for d in shard_dirs]
+  counts = np.concatenate(shard_counts).astype(np.int64)
   num_pages = len(counts)
   page_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  # Content fingerprint: streams whose concatenation over shards is independent of the sharding.
+  streams = {k: hashlib.sha256() for k in ("text", "lengths", "spans", "pages", "page_counts")}
   wids: list[bytes] = []
-  for d in shard_dirs:
-    with paths.path(d, "pages.bin").open("rb") as f:
-      wids.extend(json.loads(line)[0].encode("utf-8") for line in f)
+  for d in shard_dirs:  # Each shard's pages read once (a download on gs://): ids and hash.
+    pages = paths.path(d, "pages.bin").read_bytes()
+    streams["pages"].update(pages)
+    wids.extend(json.loads(line)[0].encode("utf-8") for line in pages.split(b"\n") if line)
   keys = np.array(wids, dtype=bytes) if wids else np.zeros(0, "S1")
   order = np.argsort(keys, kind="stable")
   sorted_keys = keys[order]
@@ -389,20 +385,14 @@ def finalize(out_dir: str, num_shards: int) -> dict:
   _replace_npy(os.path.join(index_dir, "page_keys.npy"), sorted_keys)
   _replace_npy(os.path.join(index_dir, "page_order.npy"), order.astype(np.int64))
 
-  # Content fingerprint: streams whose concatenation over shards is independent of the sharding.
-  streams = {k: hashlib.sha256() for k in ("text", "lengths", "spans", "pages", "page_counts")}
-  for d in shard_dirs:
+  for d, page_counts in zip(shard_dirs, shard_counts):
     for chunk in _read_bytes(paths.join(d, "text.bin")):
       streams["text"].update(chunk)
     streams["lengths"].update(
         np.diff(_load_npy(paths.join(d, "text_offsets.npy"))).astype("<i8").tobytes()
     )
     streams["spans"].update(_load_npy(paths.join(d, "spans.npy")).astype("<i4").tobytes())
-    for chunk in _read_bytes(paths.join(d, "pages.bin")):
-      streams["pages"].update(chunk)
-    streams["page_counts"].update(
-        _load_npy(paths.join(d, "page_counts.npy")).astype("<i4").tobytes()
-    )
+    streams["page_counts"].update(page_counts.astype("<i4").tobytes())
   settings = {
       k: v for k, v in stats[0]["settings"].items() if k not in ("num_shards", "source_size")
   }

@@ -28,8 +28,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import bm25s
@@ -102,11 +100,7 @@ class Bm25Index:
         return cls.load(index_dir)
       logger.info("%s was built for another passage table or tokenizer: rebuilding", index_dir)
     index = cls.build(table, progress)
-    if paths.is_remote(index_dir):
-      tmp = tempfile.mkdtemp(prefix="lumenvq-bm25-")
-    else:
-      tmp = f"{index_dir}.tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
+    tmp = paths.staging_dir(index_dir)
     index.retriever.save(tmp, show_progress=False)
     index.tokenizer.save_vocab(tmp)
     index.tokenizer.save_stopwords(tmp)
