@@ -11,16 +11,17 @@ table) -> eval of LUMEN-VQ reading the store -> KILT metrics of its predictions.
 Each stage runs the project's own CLI (printed before it runs, so the demo doubles as the
 documented command sequence) and is skipped on a rerun when its output is complete. The
 CLIs write atomically (checkpoints, store shards with completion markers, metrics and
-predictions by rename), so an interrupted stage (Ctrl-C) is redone or resumed, never
-mistaken for finished.
+predictions written whole: a rename, or one upload on gs://), so an interrupted stage
+(Ctrl-C) is redone or resumed, never mistaken for finished. `--out` may be gs://.
 """
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
+
+from lumenvq import paths
 
 TASKS = ("nq", "hotpotqa", "fever", "structured_zeroshot")
 DOWNSTREAM = ("em", "f1", "accuracy", "rougel")
@@ -59,8 +60,8 @@ def _retrieval_table(out: str, data: str, retrieval: str) -> list:
   rows = []
   for task in TASKS:
     report = _kilt_eval(
-        os.path.join(retrieval, f"{task}-dev-bm25-kilt.jsonl"),
-        os.path.join(data, f"{task}-dev-kilt.jsonl"),
+        paths.join(retrieval, f"{task}-dev-bm25-kilt.jsonl"),
+        paths.join(data, f"{task}-dev-kilt.jsonl"),
         "--retrieval",
         "--ks",
         "1,5,20",
@@ -73,15 +74,16 @@ def _retrieval_table(out: str, data: str, retrieval: str) -> list:
             **{k: report[k] for k in ("Rprec", "recall@5", "recall@20", "success_rate@5")},
         }
     )
-  with open(os.path.join(out, "retrieval_metrics.json"), "w") as f:
-    json.dump(rows, f, indent=2)
+  paths.write_text(paths.join(out, "retrieval_metrics.json"), json.dumps(rows, indent=2))
   return rows
 
 
 def _checkpoint_done(model_dir: str, step: int) -> bool:
   """A checkpoint at `step` or later (older ones are pruned as training goes on)."""
-  directory = os.path.join(model_dir, "checkpoints")
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  directory = paths.path(model_dir, "checkpoints")
+  steps = (
+      [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+  )
   return max(steps, default=-1) >= step
 
 
@@ -118,7 +120,7 @@ def precompute(title, model_dir, gin_file, store, passages, vocab, extra=()):
           "--gin.SHARD_PASSAGES=1024",
           *extra,
       ],
-      os.path.exists(os.path.join(store, "COMPLETE")),
+      paths.path(store, "COMPLETE").exists(),
   )
 
 
@@ -156,9 +158,9 @@ def _storage_rows(stores: dict) -> list:
 
 def prepare_data(out: str, args) -> list:
   """World, passages, vocabulary and BM25 retrieval under `out`; the retrieval table rows."""
-  data, passages = os.path.join(out, "data"), os.path.join(out, "passages")
-  vocab, retrieval = os.path.join(out, "vocab"), os.path.join(out, "retrieval")
-  knowledge_source = os.path.join(data, "kilt_knowledgesource.json")
+  data, passages = paths.join(out, "data"), paths.join(out, "passages")
+  vocab, retrieval = paths.join(out, "vocab"), paths.join(out, "retrieval")
+  knowledge_source = paths.join(data, "kilt_knowledgesource.json")
   # The demo and retrieval CLIs check their own completion records and skip
   # finished work themselves; the others are skipped here by their final file.
   _run(
@@ -184,9 +186,9 @@ def prepare_data(out: str, args) -> list:
           f"--words={args.words}",
           "--no_progress",
       ],
-      os.path.exists(os.path.join(passages, "manifest.json")),
+      paths.path(passages, "manifest.json").exists(),
   )
-  train_files = ",".join(os.path.join(data, f"{t}-train-kilt.jsonl") for t in TASKS)
+  train_files = ",".join(paths.join(data, f"{t}-train-kilt.jsonl") for t in TASKS)
   _run(
       "SentencePiece vocabulary (BPE on the knowledge source and training questions)",
       [
@@ -194,13 +196,13 @@ def prepare_data(out: str, args) -> list:
           "--knowledge_source",
           knowledge_source,
           "--out",
-          os.path.join(vocab, "spm"),
+          paths.join(vocab, "spm"),
           f"--vocab_size={args.vocab_size}",
           "--model_type=bpe",
           "--character_coverage=1.0",
           f"--kilt_files={train_files}",
       ],
-      os.path.exists(os.path.join(vocab, "spm.model")),
+      paths.path(vocab, "spm.model").exists(),
   )
   _run(
       "BM25 retrieval",
@@ -258,8 +260,8 @@ def train_from(title, model_dir, gin_file, steps, data, initial_params, extra=()
 def evaluate(title, model_dir, gin_file, step, data, extra=(), output_dir=None) -> dict:
   """`lumenvq.eval` of MODEL_DIR's checkpoint `step` on the demo dev sets; its metrics.
   Also writes each task's KILT predictions into `output_dir` (default MODEL_DIR/eval)."""
-  output_dir = output_dir or os.path.join(model_dir, "eval")
-  metrics = os.path.join(output_dir, f"metrics_{step}.json")
+  output_dir = output_dir or paths.join(model_dir, "eval")
+  metrics = paths.join(output_dir, f"metrics_{step}.json")
   _run(
       title,
       [
@@ -272,10 +274,9 @@ def evaluate(title, model_dir, gin_file, step, data, extra=(), output_dir=None) 
           f"--gin.demo_data.data_dir='{data}'",
           *extra,
       ],
-      os.path.exists(metrics),
+      paths.path(metrics).exists(),
   )
-  with open(metrics) as f:
-    return json.load(f)["metrics"]
+  return json.loads(paths.path(metrics).read_text())["metrics"]
 
 
 def add_arguments(parser) -> None:
@@ -314,7 +315,7 @@ def main(argv=None):
       description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--out", default="demo_out")
+  parser.add_argument("--out", default="demo_out", help="output directory (local or gs://)")
   add_arguments(parser)
   args = parser.parse_args(argv)
   if not 0 < args.curriculum_steps < args.train_steps:
@@ -322,18 +323,18 @@ def main(argv=None):
         f"--curriculum_steps={args.curriculum_steps} must be in (0, --train_steps="
         f"{args.train_steps})"
     )
-  out = os.path.abspath(args.out)
-  data, passages = os.path.join(out, "data"), os.path.join(out, "passages")
-  spm_model = os.path.join(out, "vocab", "spm.model")
-  lumen_dir = os.path.join(out, "models", "lumen")
-  vq_dir = os.path.join(out, "models", "lumen_vq")
+  out = paths.resolve(args.out)
+  data, passages = paths.join(out, "data"), paths.join(out, "passages")
+  spm_model = paths.join(out, "vocab", "spm.model")
+  lumen_dir = paths.join(out, "models", "lumen")
+  vq_dir = paths.join(out, "models", "lumen_vq")
   stores = {
-      "lumen (bf16, zstd)": os.path.join(out, "memory", "lumen"),
-      "lumen_vq (codes)": os.path.join(out, "memory", "lumen_vq"),
+      "lumen (bf16, zstd)": paths.join(out, "memory", "lumen"),
+      "lumen_vq (codes)": paths.join(out, "memory", "lumen_vq"),
   }
-  lumen_gin, vq_gin = (os.path.join(args.gin_dir, f"{a}.gin") for a in ("lumen", "lumen_vq"))
+  lumen_gin, vq_gin = (paths.join(args.gin_dir, f"{a}.gin") for a in ("lumen", "lumen_vq"))
   extra = [f"--gin.{binding}" for binding in args.gin]
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   retrieval_rows = prepare_data(out, args)
   train_with_curriculum(
       "LUMEN", lumen_dir, lumen_gin, args.curriculum_steps, args.train_steps, data, extra
@@ -344,7 +345,7 @@ def main(argv=None):
       vq_gin,
       args.vq_steps,
       data,
-      os.path.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
+      paths.join(lumen_dir, "checkpoints", str(args.train_steps), "params"),
       extra,
   )
   precompute(
@@ -365,7 +366,7 @@ def main(argv=None):
       spm_model,
       extra,
   )
-  eval_dir = os.path.join(vq_dir, "eval_from_store")
+  eval_dir = paths.join(vq_dir, "eval_from_store")
   evaluate(
       "evaluate LUMEN-VQ reading the store (device-resident table)",
       vq_dir,
@@ -384,14 +385,16 @@ def main(argv=None):
 
   downstream = []
   for task in TASKS:
-    guess = os.path.join(eval_dir, f"lumenvq_demo_{task}-validation-{args.vq_steps}.jsonl")
-    report = _kilt_eval(guess, os.path.join(data, f"{task}-dev-kilt.jsonl"))["downstream"]
+    guess = paths.join(eval_dir, f"lumenvq_demo_{task}-validation-{args.vq_steps}.jsonl")
+    report = _kilt_eval(guess, paths.join(data, f"{task}-dev-kilt.jsonl"))["downstream"]
     downstream.append({"task": task, **{k: report[k] for k in DOWNSTREAM}})
   storage = _storage_rows(stores)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(
-        {"retrieval": retrieval_rows, "downstream": downstream, "storage": storage}, f, indent=2
-    )
+  paths.write_text(
+      paths.join(out, "results.json"),
+      json.dumps(
+          {"retrieval": retrieval_rows, "downstream": downstream, "storage": storage}, indent=2
+      ),
+  )
 
   print("\nBM25 retrieval on the demo dev sets (KILT retrieval metrics, rank key wikipedia_id)")
   print(f"{'task':<22}{'R-prec':>8}{'recall@5':>10}{'recall@20':>11}{'success@5':>11}")

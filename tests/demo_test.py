@@ -1,14 +1,18 @@
 """`make demo`'s pipeline (`python -m lumenvq.demo`) at a reduced size: the same stages and
 CLIs on a small world with a 32-dim reader and a few steps, so `make test` keeps it
 working; then a rerun that reuses every finished stage, and one that redoes only the
-stage whose output was removed."""
+stage whose output was removed. Both on a local directory and with every path on gs:// (the
+local Cloud Storage server of `gcs_bucket`)."""
 
 import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
+
+from lumenvq import paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -48,9 +52,12 @@ def _demo(out):
   return result.stdout
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("demo")
+@pytest.fixture(scope="module", params=["local", "gs"])
+def first_run(request, tmp_path_factory):
+  if request.param == "gs":
+    out = f"{request.getfixturevalue('gcs_bucket')}/demo-{uuid.uuid4().hex[:8]}"
+  else:
+    out = str(tmp_path_factory.mktemp("demo"))
   return out, _demo(out)
 
 
@@ -66,7 +73,7 @@ def test_every_stage_runs_and_prints_the_tables(first_run):
   ):
     assert f"== {stage}" in stdout
   assert "KILT downstream metrics" in stdout and "Memory stores on disk" in stdout
-  results = json.load(open(os.path.join(out, "results.json")))
+  results = json.loads(paths.path(out, "results.json").read_text())
   assert [r["task"] for r in results["downstream"]] == [
       "nq",
       "hotpotqa",
@@ -80,17 +87,17 @@ def test_every_stage_runs_and_prints_the_tables(first_run):
   # 4 one-byte codes: 16x, less the metadata and codebooks, which a store of a few
   # hundred passages does not amortise; zstd gains a little on the bf16 vectors.
   assert 4 < vq["compression"] <= 16 and 0.5 < lumen["compression"] < 4
-  predictions = os.path.join(
+  predictions = paths.path(
       out, "models", "lumen_vq", "eval_from_store", "lumenvq_demo_nq-validation-2.jsonl"
   )
-  assert len(open(predictions).readlines()) == 24
+  assert len(predictions.read_text().splitlines()) == 24
 
 
 def test_rerun_reuses_finished_stages_and_redoes_a_removed_one(first_run):
   out, _ = first_run
   stdout = _demo(out)
   assert stdout.count("finished earlier, reusing it") == 8  # All but the self-skipping CLIs.
-  os.remove(os.path.join(out, "models", "lumen_vq", "eval_from_store", "metrics_2.json"))
+  paths.path(out, "models", "lumen_vq", "eval_from_store", "metrics_2.json").unlink()
   stdout = _demo(out)
   assert stdout.count("finished earlier, reusing it") == 7
   assert "== evaluate LUMEN-VQ reading the store (device-resident table)\n" in stdout

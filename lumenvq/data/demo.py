@@ -28,11 +28,11 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 import time
 from typing import Iterable, Iterator, Sequence
 
+from lumenvq import paths
 from lumenvq.data import kilt
 from lumenvq.data.demo_world import Mention, RELATIONS, World, build_world
 
@@ -292,27 +292,20 @@ def demo_records(world: World, train_size: int, dev_size: int) -> dict[str, list
 
 
 def _write_atomic(path: str, lines: Iterable[bytes]) -> dict:
-  """Write through `path.tmp` and rename, so `path` is never partial; returns sha256 and line count."""
-  tmp = f"{path}.tmp"
+  """Writes `path` whole or not at all (`paths.atomic_open`: local rename or one upload);
+  returns its sha256 and line count."""
   digest, count = hashlib.sha256(), 0
-  try:
-    with open(tmp, "wb") as f:
-      for line in lines:
-        digest.update(line)
-        f.write(line)
-        count += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with paths.atomic_open(path, "wb") as f:
+    for line in lines:
+      digest.update(line)
+      f.write(line)
+      count += 1
   return {"sha256": digest.hexdigest(), "lines": count}
 
 
 def _sha256(path: str) -> str | None:
   try:
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
       return hashlib.file_digest(f, "sha256").hexdigest()
   except OSError:
     return None
@@ -321,8 +314,7 @@ def _sha256(path: str) -> str | None:
 def _matching_manifest(out_dir: str, settings: dict) -> dict | None:
   """The manifest in `out_dir` if it was written with `settings` and every file still matches it."""
   try:
-    with open(os.path.join(out_dir, MANIFEST_FILE), encoding="utf-8") as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.path(out_dir, MANIFEST_FILE).read_text(encoding="utf-8"))
   except (OSError, ValueError):
     return None
   if not isinstance(manifest, dict) or manifest.get("settings") != settings:
@@ -331,7 +323,7 @@ def _matching_manifest(out_dir: str, settings: dict) -> dict | None:
   if not isinstance(files, dict) or not files:
     return None
   for name, info in files.items():
-    if not isinstance(info, dict) or _sha256(os.path.join(out_dir, name)) != info.get("sha256"):
+    if not isinstance(info, dict) or _sha256(paths.join(out_dir, name)) != info.get("sha256"):
       return None
   return manifest
 
@@ -360,8 +352,8 @@ def write_demo(
       "train_size": train_size,
       "dev_size": dev_size,
   }
-  os.makedirs(out_dir, exist_ok=True)
-  manifest_path = os.path.join(out_dir, MANIFEST_FILE)
+  paths.makedirs(out_dir)
+  manifest_path = paths.path(out_dir, MANIFEST_FILE)
   if not force and (manifest := _matching_manifest(out_dir, settings)):
     logger.info("%s is up to date (%s matches %s); skipping", out_dir, MANIFEST_FILE, settings)
     return manifest, False
@@ -369,12 +361,11 @@ def write_demo(
   files = demo_records(
       build_world(seed, num_entities), train_size, dev_size
   )  # fails before touching out_dir
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)
+  manifest_path.unlink(missing_ok=True)
   manifest = {"settings": settings, "files": {}}
   for name, records in files.items():
     lines = ((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records)
-    manifest["files"][name] = info = _write_atomic(os.path.join(out_dir, name), lines)
+    manifest["files"][name] = info = _write_atomic(paths.join(out_dir, name), lines)
     logger.info(
         "wrote %s: %d %s",
         name,
@@ -396,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m lumenvq.data.demo", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--out", required=True, help="output directory (local or gs://)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
       "--num_entities",

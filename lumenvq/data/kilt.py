@@ -408,14 +408,14 @@ def read_knowledge_source(
 # TriviaQA.
 
 
-def _triviaqa_questions(paths: Sequence[str]) -> dict[str, str]:
+def _triviaqa_questions(files: Sequence[str]) -> dict[str, str]:
   """QuestionId -> Question over the users' TriviaQA json files (`{"Data": [...]}`)."""
   questions: dict[str, str] = {}
   origin: dict[str, str] = {}
-  for path in paths:
+  for path in files:
     # One JSON document, not jsonl: it is read whole (no streaming JSON parser in the env).
     try:
-      with open(path, "rb") as f:
+      with paths.path(path).open("rb") as f:
         data = json.load(f)
     except (ValueError, RecursionError) as err:
       raise ValueError(f"{path}: not a TriviaQA json file ({str(err)[:120]})") from None
@@ -441,36 +441,30 @@ def restore_triviaqa_questions(
   """Fill the `input` of KILT's TriviaQA id-only file from TriviaQA's own files.
 
   KILT cannot redistribute TriviaQA questions, so its files carry ids only
-  (see KILT's scripts/get_triviaqa_input.py). Writes `out_path` through a
-  temporary file, renamed when every record is filled and valid; returns
+  (see KILT's scripts/get_triviaqa_input.py). Writes `out_path` (local or gs://) whole
+  once every record is filled and valid (`paths.atomic_open`), never partly; returns
   the number of records. A KILT id missing from the TriviaQA files is an error.
   """
   questions = _triviaqa_questions(triviaqa_json_paths)
-  tmp_path = f"{out_path}.tmp"
   count = 0
-  try:
-    with open(tmp_path, "w", encoding="utf-8") as out:
-      for number, obj in iter_jsonl(kilt_path):
-        if not isinstance(obj, dict) or "id" not in obj:
-          raise KiltFormatError(kilt_path, number, "record has no 'id'")
-        qid = str(obj["id"]).strip()
-        if qid not in questions:
-          raise KiltFormatError(
-              kilt_path,
-              number,
-              f"id {qid} is in none of the TriviaQA files " f"{', '.join(triviaqa_json_paths)}",
-          )
-        obj["input"] = questions[qid]
-        try:
-          parse_kilt_record(obj)
-        except BadLine as err:
-          raise KiltFormatError(kilt_path, number, str(err)) from None
-        out.write(json.dumps(obj) + "\n")
-        count += 1
-    os.replace(tmp_path, out_path)
-  finally:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
+  with paths.atomic_open(out_path, "w") as out:
+    for number, obj in iter_jsonl(kilt_path):
+      if not isinstance(obj, dict) or "id" not in obj:
+        raise KiltFormatError(kilt_path, number, "record has no 'id'")
+      qid = str(obj["id"]).strip()
+      if qid not in questions:
+        raise KiltFormatError(
+            kilt_path,
+            number,
+            f"id {qid} is in none of the TriviaQA files " f"{', '.join(triviaqa_json_paths)}",
+        )
+      obj["input"] = questions[qid]
+      try:
+        parse_kilt_record(obj)
+      except BadLine as err:
+        raise KiltFormatError(kilt_path, number, str(err)) from None
+      out.write(json.dumps(obj) + "\n")
+      count += 1
   return count
 
 
