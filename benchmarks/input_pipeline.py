@@ -13,7 +13,9 @@ filled), in examples/s:
   source      the task's source only: KILT record + retrieval ids + passage texts (no seqio)
   seqio       + tokenization of question, answer and the 20 passages (seqio preprocessors)
   tokens      + the reader's feature converter cutting passages to 256 tokens: the token path
-  ids         the stored-memory path: passage ids instead of passage tokens
+  seqio, no passage texts   the task's examples as the stored-memory path builds them
+              (`seqio_tasks.without_passage_texts`: passage ids, no texts, no passage tokens)
+  ids         + the feature converter: the stored-memory path
 
 Prints a table and writes benchmarks/results/input_pipeline.json.
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=wrong-import-position
 
 from lumenvq.model import reader_models  # pylint: disable=wrong-import-position
-from lumenvq.training import input_checkpoint, input_pipeline  # pylint: disable=wrong-import-position
+from lumenvq.training import input_pipeline  # pylint: disable=wrong-import-position
 
 TASK, LENGTHS, BATCH, K, PASSAGE_LENGTH = (
     "lumenvq_demo_nq",
@@ -50,10 +52,11 @@ def _rate(stream, warmup: int, batches: int) -> float:
   return batches * BATCH / (time.perf_counter() - start)
 
 
-def _batches(examples):
-  """Lists of BATCH examples (the stages before the feature converter)."""
-  while True:
-    yield [next(examples) for _ in range(BATCH)]
+def _batches(dataset):
+  """Batches of BATCH examples as numpy (the stages before the feature converter), read as
+  the training stream reads them (`input_checkpoint`: batched inside tf.data)."""
+  for batch in dataset.padded_batch(BATCH):
+    yield {k: v.numpy() for k, v in batch.items()}
 
 
 def main():
@@ -77,9 +80,10 @@ def main():
       [(np.asarray(e["passage_tokens"]) > 0).sum(-1).mean() for e in itertools.islice(real, 100)]
   )
   stages = {
-      "source": _batches(input_checkpoint.to_python(e) for e in raw.as_numpy_iterator()),
-      "seqio": _batches(source.examples("train", **kwargs)),
+      "source": _batches(raw),
+      "seqio": _batches(source.dataset("train", **kwargs)),
       "tokens": stream(False),
+      "seqio, no passage texts": _batches(source.dataset("train", passage_texts=False, **kwargs)),
       "ids": stream(True),
   }
   rows = []

@@ -20,6 +20,10 @@ retrieved passages' texts (`PassageTable`):
                                    the reader's feature converter cuts them to its passage length
     inputs_pretokenized, targets_pretokenized   the strings (seqio's tokenize keeps them)
 
+A consumer that reads passages by id only (LUMEN memory from a store) builds its dataset
+inside `without_passage_texts()`: the examples then carry no `passages` and no
+`passage_tokens`, and neither is looked up nor tokenized (most of an example's cost).
+
 Train targets are the first gold answer, not one example per answer: KILT
 lists the canonical answer first (aliases follow, in T-REx/zsRE up to dozens),
 and one example per alias would weight questions by their number of aliases.
@@ -36,6 +40,8 @@ the same reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -289,15 +295,36 @@ def joined_records(
     yield record, hit[1]
 
 
-def _example(task: kilt.KiltTask, record, ids: np.ndarray, table: PassageTable) -> dict[str, Any]:
-  return {
+# Whether the datasets built now carry passage texts (module doc). A context variable, not a
+# setting of the task: seqio's get_dataset has no way to ask a task for fewer features, and
+# the same registered task serves both kinds of consumer.
+_PASSAGE_TEXTS = contextvars.ContextVar("passage_texts", default=True)
+
+
+@contextlib.contextmanager
+def without_passage_texts():
+  """Datasets of KILT tasks built in this block have `passage_ids` but no passage texts."""
+  token = _PASSAGE_TEXTS.set(False)
+  try:
+    yield
+  finally:
+    _PASSAGE_TEXTS.reset(token)
+
+
+def _example(
+    task: kilt.KiltTask, record, ids: np.ndarray, table: PassageTable | None
+) -> dict[str, Any]:
+  """An example (module doc); without `passages` when `table` is None."""
+  example = {
       "id": record.id,
       "inputs": task.input_prefix + record.input,
       "targets": record.answers[0] if record.answers else "",
       "answers": json.dumps(list(record.answers), ensure_ascii=False),
       "passage_ids": ids,
-      "passages": np.array([table.text(i) if i >= 0 else "" for i in ids.tolist()], dtype=object),
   }
+  if table is not None:
+    example["passages"] = table.texts(ids)
+  return example
 
 
 def kilt_examples(task: kilt.KiltTask, split: str, data: TaskData) -> Iterator[dict[str, Any]]:
@@ -318,7 +345,10 @@ def _task_records(task: kilt.KiltTask, split: str, data: TaskData):
 
 
 def indexed_dataset(
-    example: Callable[[int], Mapping[str, Any]], size: int | None, signature: Mapping
+    example: Callable[[int], Mapping[str, Any]],
+    size: int | None,
+    signature: Mapping,
+    batch: int = 32,
 ) -> tf.data.Dataset:
   """Examples `example(0)`, `example(1)`, ... (`size` None: endless) as a tf.data source
   whose iterators can be checkpointed.
@@ -326,22 +356,27 @@ def indexed_dataset(
   `tf.data.Dataset.from_generator` keeps its position in a Python generator, which a
   tf.data iterator checkpoint cannot hold; here the position is the index of a
   `range`/`counter` dataset and `example` a pure function of it, so a restored iterator
-  (`training/input_checkpoint.py`) continues exactly, in constant time.
+  (`training/input_checkpoint.py`) continues exactly, in constant time. One
+  `numpy_function` call makes `batch` examples (a call per example cost as much as the
+  example itself); a saved position holds at most one such batch.
   """
   keys = sorted(signature)
 
-  def numpy_example(index):
-    values = example(int(index))
-    return [np.asarray(values[k], dtype=signature[k].dtype.as_numpy_dtype) for k in keys]
+  def numpy_examples(indices):
+    rows = [example(int(i)) for i in indices]
+    return [
+        np.stack([np.asarray(r[k], dtype=signature[k].dtype.as_numpy_dtype) for r in rows])
+        for k in keys
+    ]
 
-  def lookup(index):
+  def lookup(indices):
     values = tf.numpy_function(
-        numpy_example, [index], [signature[k].dtype for k in keys], stateful=False
+        numpy_examples, [indices], [signature[k].dtype for k in keys], stateful=False
     )
-    return {k: tf.ensure_shape(v, signature[k].shape) for k, v in zip(keys, values)}
+    return {k: tf.ensure_shape(v, [None, *signature[k].shape]) for k, v in zip(keys, values)}
 
   indices = tf.data.Dataset.counter() if size is None else tf.data.Dataset.range(size)
-  return indices.map(lookup)
+  return indices.batch(batch).map(lookup).unbatch()
 
 
 def _dataset_fn(
@@ -369,15 +404,21 @@ def _dataset_fn(
       "targets": scalar,
       "answers": scalar,
       "passage_ids": tf.TensorSpec((k,), tf.int32),
-      "passages": tf.TensorSpec((k,), tf.string),
   }
+  if _PASSAGE_TEXTS.get():
+    signature["passages"] = tf.TensorSpec((k,), tf.string)
+  else:
+    table = None
   return indexed_dataset(lambda i: _example(task, *records[i], table), len(records), signature)
 
 
 def tokenize_passages(
     dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]
 ) -> tf.data.Dataset:
-  """A seqio preprocessor adding `passage_tokens` (module doc), with the vocabulary of `inputs`."""
+  """A seqio preprocessor adding `passage_tokens` (module doc), with the vocabulary of `inputs`;
+  examples without passage texts (`without_passage_texts`) pass unchanged."""
+  if "passages" not in dataset.element_spec:
+    return dataset
   vocabulary = output_features["inputs"].vocabulary
 
   def tokenize(features):

@@ -109,6 +109,12 @@ class ReaderFeatureConverter:
       out[row, : len(ids)] = ids
     return out
 
+  @property
+  def reads_passage_texts(self) -> bool:
+    """Whether examples need passage texts and tokens (not with passage ids: the input
+    pipeline then builds examples without them, `seqio_tasks.without_passage_texts`)."""
+    return not self.passage_ids
+
   def __call__(self, examples: Sequence[Optional[dict]]) -> dict:
     batch = self.base(examples)
     batch["question_tokens"] = batch.pop("encoder_input_tokens")

@@ -42,37 +42,50 @@ def to_python(example: dict) -> dict:
   return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
 
 
-class _TfdataExamples:
-  """Examples of a tf.data dataset; `state()` is the iterator's, as bytes."""
+class _TfdataBatches:
+  """Rows of a tf.data dataset, `n` at a time; `state()` is the iterator's, as bytes.
 
-  def __init__(self, dataset, state: Optional[bytes]):
+  The rows are batched inside tf.data (`padded_batch`, each feature padded with zeros / b""
+  to the batch's longest) and split into examples here: one iterator step and one tensor
+  conversion per batch instead of per example, whose eager overhead alone capped a stream
+  at about 7,000 examples/s. The converters cut and pad every feature themselves, so the
+  extra trailing zeros change no batch. Batches are never split across calls, so the
+  saved state is always at a batch boundary.
+  """
+
+  def __init__(self, dataset, n: int, state: Optional[bytes]):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only SeqIO sources need it)
 
-    self._tf = tf
-    self._iterator = iter(dataset)
+    self._n = n
+    self._iterator = iter(dataset.padded_batch(n))
     if state is not None:
       # The iterator's own (de)serialisation, as `tf.train.Checkpoint` calls it, but to and
       # from bytes, so the state travels in an orbax item through any path epath opens.
       self._iterator._restore(tf.constant(state))  # pylint: disable=protected-access
 
-  def __next__(self) -> dict:
-    return to_python(self._tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator)))
+  def take(self) -> list[dict]:
+    batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+    rows = len(next(iter(batch.values())))
+    if rows < self._n:
+      raise StopIteration
+    return [to_python({k: v[row] for k, v in batch.items()}) for row in range(rows)]
 
   def state(self) -> bytes:
     return self._iterator._save().numpy()  # pylint: disable=protected-access
 
 
 class _IndexedExamples:
-  """Examples of a source that is a pure function of the index; the state is their count."""
+  """Examples of a source that is a pure function of the index, `n` at a time; the state is
+  their count."""
 
-  def __init__(self, examples: Callable, consumed: int):
-    self.consumed = consumed
+  def __init__(self, examples: Callable, n: int, consumed: int):
+    self.consumed, self._n = consumed, n
     self._iterator = examples(skip=consumed)
 
-  def __next__(self) -> dict:
-    example = next(self._iterator)
-    self.consumed += 1
-    return example
+  def take(self) -> list[dict]:
+    rows = [next(self._iterator) for _ in range(self._n)]
+    self.consumed += self._n
+    return rows
 
   def state(self) -> bytes:
     return str(self.consumed).encode()
@@ -112,7 +125,7 @@ class CheckpointableBatches:
     self._step = start_step  # The step of the last batch handed out.
     self._given = collections.deque(maxlen=MAX_AHEAD)  # (step, batch) handed out lately.
     saved = _unpack(position) if position is not None else None
-    kind = "indexed" if dataset is None else "tfdata"
+    kind = "indexed" if dataset is None else "tfdata-batched"
     self._stream = f"{kind} {what}, {local_size} rows per batch"
     if saved is not None and int(saved["step"]) != start_step:
       raise ValueError(
@@ -139,11 +152,13 @@ class CheckpointableBatches:
           for j in range(int(saved["pending"]))
       ]
     if dataset is None:
-      self._examples = _IndexedExamples(examples, self._skip if state is None else int(state))
+      self._examples = _IndexedExamples(
+          examples, local_size, self._skip if state is None else int(state)
+      )
     else:
       # The skip of a resume without a saved position stays part of the pipeline: the
       # positions saved later are those of this pipeline.
-      self._examples = _TfdataExamples(dataset(self._skip), state)
+      self._examples = _TfdataBatches(dataset(self._skip), local_size, state)
 
   def __iter__(self):
     return self
@@ -153,7 +168,7 @@ class CheckpointableBatches:
       batch = self._replay.pop(0)
     else:
       try:
-        chunk = [next(self._examples) for _ in range(self._local_size)]
+        chunk = self._examples.take()
       except StopIteration:
         raise ValueError(f"{self._what} ran out of examples") from None
       batch = self._convert(chunk)

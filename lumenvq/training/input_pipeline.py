@@ -14,6 +14,7 @@ shard per position on the mesh's `data` axis, interleaved as
 of examples for any number of processes.
 """
 
+import contextlib
 import dataclasses
 import importlib
 from typing import Callable, Iterator, Optional, Sequence
@@ -64,18 +65,25 @@ class SeqioSource:
       shuffle: bool = False,
       seed: int = 0,
       repeat: bool = False,
+      passage_texts: bool = True,
   ):
-    """This process's shard of `split` as a tf.data dataset (its iterators checkpoint)."""
+    """This process's shard of `split` as a tf.data dataset (its iterators checkpoint);
+    `passage_texts=False`: KILT examples without passage texts and tokens."""
     shard = self._seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
-    ds = self.provider.get_dataset(
-        sequence_length=self.feature_lengths,
-        split=split,
-        shuffle=shuffle,
-        seed=seed,
-        shard_info=shard,
-        num_epochs=None if repeat else 1,
-        use_cached=False,
-    )
+    with contextlib.ExitStack() as scope:
+      if not passage_texts:
+        from lumenvq.data import seqio_tasks  # pylint: disable=g-import-not-at-top  (imports seqio)
+
+        scope.enter_context(seqio_tasks.without_passage_texts())
+      ds = self.provider.get_dataset(
+          sequence_length=self.feature_lengths,
+          split=split,
+          shuffle=shuffle,
+          seed=seed,
+          shard_info=shard,
+          num_epochs=None if repeat else 1,
+          use_cached=False,
+      )
     # Without tf.data's autotuning thread: it sleeps up to a minute between rounds, and
     # deleting the iterator waits for it (measured: 45-55 s lost at the end of each demo
     # train run). Reading a demo batch costs about the same without it (0.042 vs 0.038 s).
@@ -191,9 +199,12 @@ def train_batches(
       seed=seed,
       repeat=True,
   )
+  # A converter that reads passages by id (stored memory) gets examples without passage
+  # texts: looking them up and tokenizing them is most of an example's cost.
+  passage_texts = getattr(convert, "reads_passage_texts", True)
   dataset = None
   if hasattr(source, "dataset"):
-    dataset = lambda skip: source.dataset(split, **kwargs).skip(skip)
+    dataset = lambda skip: source.dataset(split, passage_texts=passage_texts, **kwargs).skip(skip)
 
   return input_checkpoint.CheckpointableBatches(
       lambda skip: source.examples(split, skip=skip, **kwargs),
@@ -204,7 +215,8 @@ def train_batches(
       position,
       what=(
           f"split {split!r} of {source.name} (shard {layout.shard_index} of "
-          f"{layout.num_shards}, shuffle={shuffle}, seed={seed})"
+          f"{layout.num_shards}, shuffle={shuffle}, seed={seed}"
+          f"{'' if passage_texts else ', no passage texts'})"
       ),
   )
 

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 
 from lumenvq.data import passage_table
@@ -51,6 +52,19 @@ def test_out_of_range_id_names_id_and_size(build_table):
     table.get([0, -1])
   with pytest.raises(TypeError, match="not an integer"):
     table["3"]
+
+
+def test_texts_are_the_passages_bytes_and_empty_for_minus_one(build_table):
+  table = build_table("t")
+  ids = np.array([[8, -1, 0], [4, 4, 3]])
+  got = table.texts(ids)
+  assert got.shape == (2, 3) and got.dtype == object
+  want = [[table.text(i).encode() if i >= 0 else b"" for i in row] for row in ids.tolist()]
+  assert got.tolist() == want
+  with pytest.raises(IndexError, match=r"passage id 9 is out of range: .* has 9 passages"):
+    table.texts(np.array([0, 9]))
+  with pytest.raises(IndexError, match="passage id -2 is out of range"):
+    table.texts(np.array([-2]))
 
 
 def test_unfinished_or_other_version_table_is_refused(build_table, tmp_path):

@@ -1,6 +1,7 @@
 """SeqIO machinery on a tiny demo world: features, the join with retrieval, passage texts, the lazy
 vocabulary, postprocessing and KILT metrics, per-host shards, path resolution and its errors."""
 
+import itertools
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import pytest
 import seqio
 
 from lumenvq.data import demo, kilt, passage_table, passages, retrieve, seqio_tasks, vocab
+from lumenvq.model import reader_models
+from lumenvq.training import input_pipeline
 
 RETRIEVED = (
     8  # passages per question in the retrieval files; the tasks read K = 10 (padded with -1)
@@ -130,6 +133,40 @@ def test_passage_ids_are_the_retrieval_files_and_texts_the_tables(world):
       assert row[length - 1] == VOCABULARY.eos_id and not row[length:].any()
       assert VOCABULARY.decode(row.tolist()) == table.text(pid)
     assert np.count_nonzero(tokens, axis=1).max() == tokens.shape[1]  # padded to the longest only
+
+
+def test_without_passage_texts_examples_keep_ids_and_drop_texts_and_tokens(world):
+  full = _examples("seqio_tasks_test_nq", "train")
+  with seqio_tasks.without_passage_texts():
+    bare = _examples("seqio_tasks_test_nq", "train")
+  assert len(bare) == len(full) == 40
+  for b, f in zip(bare, full):
+    assert set(f) - set(b) == {"passages", "passage_tokens"} and set(b) <= set(f)
+    for key in b:
+      np.testing.assert_array_equal(b[key], f[key], err_msg=key)
+  assert "passages" in _examples("seqio_tasks_test_nq", "train")[0]  # the block ended
+
+
+def test_a_stored_memory_training_stream_reads_no_texts_and_the_same_ids(world):
+  """The input pipeline builds examples without passage texts for a converter that reads
+  passage ids; its batches are those of the full stream, passage tokens aside."""
+  source = input_pipeline.SeqioSource("seqio_tasks_test_nq", LENGTHS, task_modules=())
+  layout = input_pipeline.DataLayout(8, 0, 8)
+
+  def batches(passage_ids):
+    convert = reader_models.ReaderFeatureConverter(LENGTHS, 10, 16, passage_ids=passage_ids)
+    stream = input_pipeline.train_batches(source, convert, layout, 0, shuffle=True, seed=3)
+    return list(itertools.islice(stream, 6)), convert
+
+  by_id, convert = batches(True)
+  by_tokens, _ = batches(False)
+  assert not convert.reads_passage_texts
+  examples = source.examples("train", shuffle=True, seed=3, repeat=True)
+  seen = [e["passage_ids"] for e in itertools.islice(examples, 6 * 8)]
+  for step, (got, full) in enumerate(zip(by_id, by_tokens)):
+    for key in set(got) - {"passage_ids"}:
+      np.testing.assert_array_equal(got[key], full[key], err_msg=key)
+    np.testing.assert_array_equal(got["passage_ids"], np.stack(seen[step * 8 : step * 8 + 8]))
 
 
 def test_prefix_targets_and_answers(world, monkeypatch):
