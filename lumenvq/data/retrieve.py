@@ -9,9 +9,10 @@ lowercase, words = regex `(?u)\\b\\w\\w+\\b` (two or more word characters),
 bm25s's English stopword list, and the Snowball English stemmer (nltk's
 implementation of the Porter2 algorithm that bm25s's suggested PyStemmer
 wraps; PyStemmer is not a dependency). Queries go through the same tokenizer
-without growing its vocabulary. The index is saved under OUT/bm25_index with
-the tokenizer vocabulary and the passage table's fingerprint: it is built
-once and rebuilt only for another table.
+without growing its vocabulary. `bm25_build` assembles bm25s's index from packed token
+arrays (millions of passages fit in memory). It is saved under OUT/bm25_index with the
+tokenizer vocabulary and the passage table's fingerprint: it is built once and rebuilt
+only for another table.
 
 Output. For each input file `X-kilt.jsonl`, `OUT/X-bm25-kilt.jsonl` with the
 same `id` and `input` and `output: [{"provenance": [top K passages]}]`, each
@@ -33,11 +34,11 @@ from typing import Iterable, Iterator, Sequence
 import bm25s
 import numpy as np
 import tqdm
-from bm25s.tokenization import Tokenized, Tokenizer
+from bm25s.tokenization import Tokenizer
 from nltk.stem.snowball import SnowballStemmer
 
 from lumenvq import paths
-from lumenvq.data import kilt
+from lumenvq.data import bm25_build, kilt
 from lumenvq.data.passage_table import PassageTable
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,8 @@ class Bm25Index:
         disable=not progress,
         mininterval=2,
     )
-    ids = list(tokenizer.streaming_tokenize(texts, update_vocab=True))
-    retriever = bm25s.BM25(**TOKENIZER_SETTINGS["bm25"])
-    retriever.index(Tokenized(ids=ids, vocab=tokenizer.get_vocab_dict()), show_progress=progress)
+    ids = tokenizer.streaming_tokenize(texts, update_vocab=True)
+    retriever = bm25_build.build(ids, tokenizer.get_vocab_dict, **TOKENIZER_SETTINGS["bm25"])
     return cls(retriever, tokenizer)
 
   @classmethod
