@@ -4,6 +4,7 @@ a corrupt chunk or index, a chunk missing from the index, a truncated or deleted
 name the file and the row."""
 
 import json
+import os
 
 import google_crc32c
 import numpy as np
@@ -190,6 +191,17 @@ def test_a_bad_index_a_missing_chunk_a_short_or_absent_file_name_the_file(tmp_pa
   with pytest.raises(ShardReadError, match=r"c/5/0/0 cannot be mapped") as e:
     _reader(tmp_path).read(np.array([44]))
   assert e.value.shard == 5
+
+
+def test_open_shards_hold_no_file_descriptors_and_unmap_when_evicted(tmp_path, monkeypatch):
+  values = _store(tmp_path)
+  monkeypatch.setattr(shard_rows, "MAX_OPEN_SHARDS", 3)
+  descriptors = len(os.listdir("/proc/self/fd"))
+  reader = _reader(tmp_path)
+  np.testing.assert_array_equal(reader.read(np.arange(N)), values)
+  assert len(reader._open) == 3 and len(os.listdir("/proc/self/fd")) == descriptors
+  mapped = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+  assert len(mapped) == 3  # The evicted shards' maps are gone.
 
 
 def test_open_shards_are_bounded(tmp_path, monkeypatch):
