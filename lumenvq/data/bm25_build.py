@@ -73,24 +73,27 @@ def build(
   for term in np.flatnonzero(doc_freq):
     df = int(doc_freq[term])
     idf[term] = math.log(1 + (num_docs - df + 0.5) / (df + 0.5))
-  rows, cols, freq = (
-      np.concatenate([c[i] for c in counted] or [np.zeros(0, np.int32)]) for i in range(3)
+  # bm25s's term-frequency part, vectorised in the float64 it computes per document; run
+  # by run, so that its float64 temporaries are those of one run.
+  k1, b, avg_len = retriever.k1, retriever.b, lengths.mean() if num_docs else 0.0
+  scored = []
+  while counted:
+    rows, cols, freq = counted.pop(0)
+    tf = freq.astype(np.float32)
+    norm = k1 * ((1 - b) + b * lengths[rows] / avg_len)
+    scored.append((rows, cols, (idf[cols] * (tf / (norm + tf))).astype(np.float32)))
+  rows, cols, data = (
+      np.concatenate([c[i] for c in scored] or [np.zeros(0, d)])
+      for i, d in enumerate((np.int32, np.int32, np.float32))
   )
-  del counted
-  # bm25s's term-frequency part, vectorised in the float64 it computes per document.
-  k1, b, tf = retriever.k1, retriever.b, freq.astype(np.float32)
-  norm = k1 * ((1 - b) + b * lengths[rows] / lengths.mean()) if num_docs else tf
-  data = (idf[cols] * (tf / (norm + tf))).astype(np.float32)
-  del norm, tf, freq
-  order = np.argsort(cols, kind="stable")  # Rows are already sorted: (column, row) order.
+  del scored
   indptr = np.zeros(vocab_size + 1, np.int64)
   np.cumsum(np.bincount(cols, minlength=vocab_size), out=indptr[1:])
-  retriever.scores = {
-      "data": data[order],
-      "indices": rows[order],
-      "indptr": indptr,
-      "num_docs": num_docs,
-  }
+  order = np.argsort(cols, kind="stable")  # Rows are already sorted: (column, row) order.
+  del cols
+  retriever.scores = {"data": data[order], "num_docs": num_docs, "indptr": indptr}
+  del data
+  retriever.scores["indices"] = rows[order]
   if "" not in vocab:  # As `index` does: the empty query token, scored nowhere.
     vocab[""] = max(vocab.values()) + 1
   retriever.vocab_dict = vocab
