@@ -21,6 +21,8 @@ Settings (gin, after `import tasks` in the gin file; or the environment):
     demo_data.retrieval_dir    default: DATA_DIR/../retrieval
     demo_data.vocabulary_path  default: DATA_DIR/../vocab/spm.model (or any SentencePiece .model)
     demo_data.num_passages     K passages per question, default 20
+    demo_data.passage_tokens_dir  the passages tokenized once (python -m lumenvq.data.passage_tokens;
+                               optional), default: used from PASSAGES/tokens/<vocab> if built
 """
 
 import os
@@ -49,11 +51,10 @@ def demo_data(
     retrieval_dir: Optional[str] = None,
     vocabulary_path: Optional[str] = None,
     num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES,
+    passage_tokens_dir: Optional[str] = None,
 ) -> seqio_tasks.TaskData:
   """Where the demo tasks' files are (module doc); read when a dataset is built."""
-  return seqio_tasks.TaskData.resolve(
-      LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path, num_passages
-  )
+  return seqio_tasks.TaskData.resolve(LAYOUT, **locals())  # every setting above, by name
 
 
 def task_name(name: str) -> str:

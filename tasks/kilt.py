@@ -7,6 +7,8 @@ Files (the layout of the README's KILT commands; each setting can be moved):
     kilt_data.retrieval_dir    python -m lumenvq.data.retrieve  default: DATA_DIR/retrieval
     kilt_data.vocabulary_path  any SentencePiece .model         default: DATA_DIR/vocab/spm.model
     kilt_data.num_passages     K passages per question          default: 20
+    kilt_data.passage_tokens_dir  python -m lumenvq.data.passage_tokens (the passages tokenized
+                               once; optional)   default: used from PASSAGES/tokens/<vocab> if built
 
 gin parses its files before the CLIs import `tasks`, so a gin file that binds
 `kilt_data.*` starts with `import tasks`. Examples and features:
@@ -36,11 +38,10 @@ def kilt_data(
     retrieval_dir: Optional[str] = None,
     vocabulary_path: Optional[str] = None,
     num_passages: int = seqio_tasks.DEFAULT_NUM_PASSAGES,
+    passage_tokens_dir: Optional[str] = None,
 ) -> seqio_tasks.TaskData:
   """Where the KILT tasks' files are (module doc); read when a dataset is built."""
-  return seqio_tasks.TaskData.resolve(
-      LAYOUT, data_dir, passages_dir, retrieval_dir, vocabulary_path, num_passages
-  )
+  return seqio_tasks.TaskData.resolve(LAYOUT, **locals())  # every setting above, by name
 
 
 def task_name(name: str) -> str:

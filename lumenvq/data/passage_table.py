@@ -45,14 +45,14 @@ class Passage:
 class _Shard:
 
   def __init__(self, directory: str):
-    self.text_offsets, self.spans = _load(directory, "text_offsets.npy"), _load(
+    self.text_offsets, self.spans = load_array(directory, "text_offsets.npy"), load_array(
         directory, "spans.npy"
     )
-    self.page_offsets = _load(directory, "page_offsets.npy")
-    self.text, self.pages = (_blob(paths.join(directory, n)) for n in ("text.bin", "pages.bin"))
+    self.page_offsets = load_array(directory, "page_offsets.npy")
+    self.text, self.pages = (open_blob(paths.join(directory, n)) for n in ("text.bin", "pages.bin"))
 
 
-def _load(directory: str, name: str) -> np.ndarray:
+def load_array(directory: str, name: str) -> np.ndarray:
   """A .npy array: memory-mapped when local, read whole when remote."""
   path = paths.join(directory, name)
   if not paths.is_remote(path):
@@ -61,7 +61,7 @@ def _load(directory: str, name: str) -> np.ndarray:
     return np.load(f)
 
 
-def _blob(path: str):
+def open_blob(path: str):
   """The bytes of a shard file, sliceable: a memory map when local, ranged reads when remote."""
   if paths.is_remote(path):
     return _RangedBlob(path)
@@ -109,7 +109,7 @@ class PassageTable:
     self._page_starts = np.cumsum([0] + [s["num_pages"] for s in shards])
     self._shards: list[_Shard | None] = [None] * len(shards)
     index = paths.join(self.directory, "index")
-    load = lambda name: _load(index, name)  # noqa: E731
+    load = lambda name: load_array(index, name)  # noqa: E731
     self._passage_page, self._page_first = load("passage_page.npy"), load("page_first.npy")
     self._page_keys, self._page_order = load("page_keys.npy"), load("page_order.npy")
 

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -54,8 +55,9 @@ import seqio
 import tensorflow as tf
 
 from lumenvq import paths
-from lumenvq.data import kilt, kilt_metrics, retrieve, vocab
+from lumenvq.data import kilt, kilt_metrics, passage_tokens, retrieve, vocab
 from lumenvq.data.passage_table import PassageTable
+from lumenvq.data.passage_tokens import PassageTokens
 
 DEFAULT_NUM_PASSAGES = 20
 SPLITS = {
@@ -95,6 +97,7 @@ class TaskData:
   retrieval_dir: str
   vocabulary_path: str
   num_passages: int
+  passage_tokens_dir: str | None = None  # None: `passage_tokens.default_dir`, used if built
 
   @classmethod
   def resolve(
@@ -105,6 +108,7 @@ class TaskData:
       retrieval_dir: str | None = None,
       vocabulary_path: str | None = None,
       num_passages: int = DEFAULT_NUM_PASSAGES,
+      passage_tokens_dir: str | None = None,
   ) -> "TaskData":
     """Given settings win; a missing data_dir comes from the environment, then the default.
 
@@ -124,6 +128,7 @@ class TaskData:
         _absolute(retrieval_dir or paths.join(root, "retrieval")),
         _absolute(vocabulary_path or paths.join(root, "vocab", "spm.model")),
         num_passages,
+        passage_tokens_dir and _absolute(passage_tokens_dir),
     )
 
   @property
@@ -167,6 +172,24 @@ class TaskData:
           f"{self.layout.passages_flags}"
       ) from None
 
+  def passage_tokens(self, table: PassageTable) -> PassageTokens | None:
+    """The table's pre-tokenized passages for this vocabulary (`lumenvq.data.passage_tokens`):
+    from `passage_tokens_dir` when set (an error if not built there), else from their default
+    place if they were built; None, and the tasks tokenize passage texts, otherwise."""
+    directory = self.passage_tokens_dir
+    if directory is None:
+      directory = passage_tokens.default_dir(self.passages_dir, self.vocabulary_path)
+      if not paths.path(directory, passage_tokens.MANIFEST).exists():
+        _log_once(
+            f"passages are tokenized as examples are read; pre-tokenized, they are looked up "
+            f"(faster input): {passage_tokens.command(self.passages_dir, self.vocabulary_path)}"
+        )
+        return None
+    try:
+      return passage_tokens.PassageTokens(directory, table, self.vocabulary_path)
+    except (FileNotFoundError, ValueError) as err:
+      raise type(err)(f"{err} ({self._setting('passage_tokens_dir')})") from None
+
   def vocabulary(self) -> seqio.Vocabulary:
     """The SentencePiece vocabulary (loaded once per path), or an error with the command that trains it."""
     path = self.vocabulary_path
@@ -191,6 +214,11 @@ class TaskData:
 
 def _absolute(path: str) -> str:
   return paths.resolve(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+  logging.info(message)
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,9 +340,14 @@ def without_passage_texts():
 
 
 def _example(
-    task: kilt.KiltTask, record, ids: np.ndarray, table: PassageTable | None
+    task: kilt.KiltTask,
+    record,
+    ids: np.ndarray,
+    table: PassageTable | None,
+    tokens: tuple[PassageTokens, int] | None = None,
 ) -> dict[str, Any]:
-  """An example (module doc); without `passages` when `table` is None."""
+  """An example (module doc); without `passages` when `table` is None, with `passage_tokens`
+  looked up when `tokens` (pre-tokenized passages and the EOS id) is given."""
   example = {
       "id": record.id,
       "inputs": task.input_prefix + record.input,
@@ -324,6 +357,8 @@ def _example(
   }
   if table is not None:
     example["passages"] = table.texts(ids)
+  if tokens is not None:
+    example["passage_tokens"] = tokens[0].lookup(ids, tokens[1])
   return example
 
 
@@ -358,16 +393,14 @@ def indexed_dataset(
   `range`/`counter` dataset and `example` a pure function of it, so a restored iterator
   (`training/input_checkpoint.py`) continues exactly, in constant time. One
   `numpy_function` call makes `batch` examples (a call per example cost as much as the
-  example itself); a saved position holds at most one such batch.
+  example itself); a saved position holds at most one such batch. A feature whose
+  signature has a None dimension comes out 0-padded to the longest of its batch.
   """
   keys = sorted(signature)
 
   def numpy_examples(indices):
     rows = [example(int(i)) for i in indices]
-    return [
-        np.stack([np.asarray(r[k], dtype=signature[k].dtype.as_numpy_dtype) for r in rows])
-        for k in keys
-    ]
+    return [_stack([r[k] for r in rows], signature[k].dtype.as_numpy_dtype) for k in keys]
 
   def lookup(indices):
     values = tf.numpy_function(
@@ -377,6 +410,18 @@ def indexed_dataset(
 
   indices = tf.data.Dataset.counter() if size is None else tf.data.Dataset.range(size)
   return indices.batch(batch).map(lookup).unbatch()
+
+
+def _stack(values: Sequence, dtype) -> np.ndarray:
+  """Arrays of one rank stacked, each 0-padded to the largest in every dimension."""
+  arrays = [np.asarray(v, dtype) for v in values]
+  shapes = {a.shape for a in arrays}
+  if len(shapes) == 1:
+    return np.stack(arrays)
+  out = np.zeros((len(arrays), *np.max(list(shapes), axis=0)), dtype)
+  for i, a in enumerate(arrays):
+    out[(i, *(slice(0, n) for n in a.shape))] = a
+  return out
 
 
 def _dataset_fn(
@@ -405,18 +450,27 @@ def _dataset_fn(
       "answers": scalar,
       "passage_ids": tf.TensorSpec((k,), tf.int32),
   }
+  tokens = None
   if _PASSAGE_TEXTS.get():
     signature["passages"] = tf.TensorSpec((k,), tf.string)
+    if pretokenized := data.passage_tokens(table):
+      tokens = pretokenized, data.vocabulary().eos_id
+      signature["passage_tokens"] = tf.TensorSpec((k, None), tf.int32)
   else:
     table = None
-  return indexed_dataset(lambda i: _example(task, *records[i], table), len(records), signature)
+  return indexed_dataset(
+      lambda i: _example(task, *records[i], table, tokens), len(records), signature
+  )
 
 
 def tokenize_passages(
     dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]
 ) -> tf.data.Dataset:
   """A seqio preprocessor adding `passage_tokens` (module doc), with the vocabulary of `inputs`;
-  examples without passage texts (`without_passage_texts`) pass unchanged."""
+  examples without passage texts (`without_passage_texts`) pass unchanged, and pre-tokenized ones
+  (`TaskData.passage_tokens`, padded to their batch of lookups) are cut to their longest passage."""
+  if "passage_tokens" in dataset.element_spec:
+    return dataset.map(_cut_to_longest, num_parallel_calls=tf.data.AUTOTUNE)
   if "passages" not in dataset.element_spec:
     return dataset
   vocabulary = output_features["inputs"].vocabulary
@@ -428,6 +482,12 @@ def tokenize_passages(
     return {**features, "passage_tokens": tf.cast(tokens.to_tensor(), tf.int32)}
 
   return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _cut_to_longest(features):
+  tokens = features["passage_tokens"]
+  longest = tf.reduce_max(tf.reduce_sum(tf.cast(tokens > 0, tf.int32), axis=1))
+  return {**features, "passage_tokens": tokens[:, :longest]}
 
 
 # ----------------------------------------------------------------------------

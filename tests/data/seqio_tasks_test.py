@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import seqio
 
-from lumenvq.data import demo, kilt, passage_table, passages, retrieve, seqio_tasks, vocab
+from lumenvq.data import (
+    demo,
+    kilt,
+    passage_table,
+    passage_tokens,
+    passages,
+    retrieve,
+    seqio_tasks,
+    vocab,
+)
 from lumenvq.model import reader_models
 from lumenvq.training import input_pipeline
 
@@ -133,6 +142,36 @@ def test_passage_ids_are_the_retrieval_files_and_texts_the_tables(world):
       assert row[length - 1] == VOCABULARY.eos_id and not row[length:].any()
       assert VOCABULARY.decode(row.tolist()) == table.text(pid)
     assert np.count_nonzero(tokens, axis=1).max() == tokens.shape[1]  # padded to the longest only
+
+
+def test_pretokenized_passages_give_the_same_examples(world):
+  """Built at their default place, the passages' tokens are looked up, not tokenized, and
+  every feature of every example is what tokenizing gave (K = 10 with 8 retrieved: -1 ids)."""
+  settings = _settings()
+  tokenized = _examples("seqio_tasks_test_nq", "train")
+  assert settings.passage_tokens(settings.passage_table()) is None
+  passage_tokens.build(settings.passages_dir, settings.vocabulary_path, progress=False)
+  try:
+    assert settings.passage_tokens(settings.passage_table()) is not None
+    looked_up = _examples("seqio_tasks_test_nq", "train")
+  finally:
+    shutil.rmtree(passage_tokens.default_dir(settings.passages_dir, settings.vocabulary_path))
+  assert len(looked_up) == len(tokenized) == 40
+  for a, b in zip(looked_up, tokenized):
+    assert set(a) == set(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_set_passage_tokens_dir_must_hold_built_tokens(world, tmp_path):
+  settings = seqio_tasks.TaskData.resolve(
+      LAYOUT, STATE["data_dir"], passage_tokens_dir=str(tmp_path / "none")
+  )
+  with pytest.raises(
+      FileNotFoundError,
+      match=r"none holds no finished passage tokens .* \(set gin test_data.passage_tokens_dir",
+  ):
+    settings.passage_tokens(settings.passage_table())
 
 
 def test_without_passage_texts_examples_keep_ids_and_drop_texts_and_tokens(world):
