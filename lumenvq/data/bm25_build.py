@@ -13,6 +13,7 @@ those `index` would make (tested), so bm25s saves, loads, memory-maps and querie
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -24,15 +25,10 @@ RUN_DOCUMENTS = 1 << 16  # Documents whose tokens are packed into one array.
 
 def _packed_runs(token_ids: Iterable[Sequence[int]]):
   """(int32 tokens, int64 lengths) per run of RUN_DOCUMENTS documents, in order."""
-  tokens, lengths = [], []
-  for ids in token_ids:
-    tokens.append(ids)
-    lengths.append(len(ids))
-    if len(lengths) == RUN_DOCUMENTS:
-      yield np.fromiter((t for doc in tokens for t in doc), np.int32), np.asarray(lengths)
-      tokens, lengths = [], []
-  if lengths:
-    yield np.fromiter((t for doc in tokens for t in doc), np.int32), np.asarray(lengths)
+  documents = iter(token_ids)
+  while run := list(itertools.islice(documents, RUN_DOCUMENTS)):
+    lengths = np.fromiter(map(len, run), np.int64, len(run))
+    yield np.fromiter(itertools.chain.from_iterable(run), np.int32, int(lengths.sum())), lengths
 
 
 def _term_counts(tokens: np.ndarray, lengths: np.ndarray, first_doc: int, vocab_size: int):

@@ -16,7 +16,7 @@ import json
 import operator
 import os
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -81,6 +81,22 @@ class _RangedBlob:
     with self._lock:
       self._file.seek(start)
       return self._file.read(stop - start)
+
+
+def by_shard(starts: np.ndarray, passage_ids, where: Callable[[int], str]) -> Iterator[tuple]:
+  """(shard, positions in the flattened `passage_ids`, ids within the shard) for each shard
+  that the ids other than -1 fall in; `starts` are the shards' first ids and the total.
+  IndexError naming the first id out of range, then `where(total)`."""
+  flat = np.asarray(passage_ids, np.int64).reshape(-1)
+  total = int(starts[-1])
+  bad = (flat < -1) | (flat >= total)
+  if bad.any():
+    raise IndexError(f"passage id {int(flat[bad][0])} is out of range: {where(total)}")
+  real = np.flatnonzero(flat >= 0)
+  shards = np.searchsorted(starts, flat[real], side="right") - 1
+  for s in np.unique(shards):
+    here = real[shards == s]
+    yield int(s), here, flat[here] - int(starts[s])
 
 
 class PassageTable:
@@ -173,19 +189,12 @@ class PassageTable:
   def texts(self, passage_ids: np.ndarray) -> np.ndarray:
     """The UTF-8 bytes of each passage (an object array), b"" for a -1 id: the input
     pipeline's lookup, located in one vectorised step and never decoded."""
-    ids = np.asarray(passage_ids, np.int64)
-    bad = (ids < -1) | (ids >= len(self))
-    if bad.any():
-      self._check(int(ids[bad][0]))
-    out = np.full(ids.shape, b"", object)
-    real = np.flatnonzero(ids.reshape(-1) >= 0)
-    flat = ids.reshape(-1)[real]
-    shards = np.searchsorted(self._passage_starts, flat, side="right") - 1
-    for s in np.unique(shards):
-      shard, here = self._shard(int(s)), np.flatnonzero(shards == s)
-      local = flat[here] - int(self._passage_starts[s])
+    out = np.full(np.shape(passage_ids), b"", object)
+    where = lambda n: f"the table {self.directory} has {n} passages (ids 0..{n - 1})"  # noqa: E731
+    for s, here, local in by_shard(self._passage_starts, passage_ids, where):
+      shard = self._shard(s)
       starts, stops = shard.text_offsets[local], shard.text_offsets[local + 1]
-      for j, a, b in zip(real[here].tolist(), starts.tolist(), stops.tolist()):
+      for j, a, b in zip(here.tolist(), starts.tolist(), stops.tolist()):
         out.flat[j] = bytes(shard.text[a:b])
     return out
 

@@ -37,9 +37,7 @@ import numpy as np
 import tqdm
 
 from lumenvq import paths
-from lumenvq.data.passage_table import MANIFEST, PassageTable, load_array, open_blob
-
-logger = logging.getLogger(__name__)
+from lumenvq.data.passage_table import MANIFEST, PassageTable, by_shard, load_array, open_blob
 
 FORMAT_VERSION = 1
 SHARD_STATS = "stats.json"
@@ -208,6 +206,9 @@ class PassageTokens:
   def __len__(self) -> int:
     return int(self.manifest["num_passages"])
 
+  def _holds(self, n: int) -> str:
+    return f"{self.directory} holds {n} passages (ids 0..{n - 1}, -1 for none)"
+
   def _shard(self, s: int) -> _Shard:
     if self._shards[s] is None:
       name = self.manifest["shards"][s]["name"]
@@ -216,27 +217,16 @@ class PassageTokens:
 
   def lookup(self, passage_ids: np.ndarray, eos_id: int) -> np.ndarray:
     """int32 [..., L]: each passage's ids then EOS, 0-padded to the longest; all 0 for a -1 id."""
-    ids = np.asarray(passage_ids, np.int64)
-    flat = ids.reshape(-1)
-    bad = (flat < -1) | (flat >= len(self))
-    if bad.any():
-      raise IndexError(
-          f"passage id {int(flat[bad][0])} is out of range: {self.directory} holds "
-          f"{len(self)} passages (ids 0..{len(self) - 1}, -1 for none)"
-      )
-    real = np.flatnonzero(flat >= 0)
-    shards = np.searchsorted(self._starts, flat[real], side="right") - 1
-    reads = []  # (rows of `flat`, their lengths, their tokens concatenated), per shard
-    for s in np.unique(shards):
-      rows = real[shards == s]
-      tokens, lengths = self._shard(int(s)).read(flat[rows] - int(self._starts[s]))
-      reads.append((rows, lengths, tokens))
-    width = 1 + max((int(n.max()) for _, n, _ in reads), default=0)
-    out = np.zeros((len(flat), width), np.int32)
-    for rows, lengths, tokens in reads:
+    reads = [  # (rows of the flattened ids, their tokens concatenated, their lengths)
+        (rows, *self._shard(s).read(local))
+        for s, rows, local in by_shard(self._starts, passage_ids, self._holds)
+    ]
+    width = 1 + max((int(n.max()) for _, _, n in reads), default=0)
+    out = np.zeros((np.size(passage_ids), width), np.int32)
+    for rows, tokens, lengths in reads:
       out[np.repeat(rows, lengths), _ranges(np.zeros_like(lengths), lengths)] = tokens
       out[rows, lengths] = eos_id
-    return out.reshape(*ids.shape, width)
+    return out.reshape(*np.shape(passage_ids), width)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
