@@ -12,7 +12,8 @@
 2. Associative recall over --recall_length tokens: --recall_pairs key-value pairs
    (one token each) scattered over the first half among filler, then every key again, each to
    be answered with its value; accuracy on those answers of a 2-layer decoder trained the same
-   steps with dense and with vq self-attention, over --seeds seeds. Blocks of
+   steps with dense and with vq self-attention (and vq with `far_key_gradient`, whose
+   summarised keys get dense attention's gradient), over --seeds seeds. Blocks of
    --quality_block_length (T5's biases reach as far): every pair lies beyond the exact window
    of its queries, so vq must retrieve it through the compressed cache.
 3. Bits per byte of the same decoder as a byte LM on long documents: the demo world's
@@ -63,7 +64,18 @@ def _flags():
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--quality_block_length", type=int, default=32)
   p.add_argument("--quality_num_codes", type=int, default=256)
+  p.add_argument("--quality_ema_decay", type=float, default=0.99)
   p.add_argument("--seeds", type=int, default=2)
+  p.add_argument(
+      "--quality_kinds",
+      default="dense,vq",
+      help="attention kinds the quality runs train (of %s)" % ", ".join(QUALITY_KINDS),
+  )
+  p.add_argument(
+      "--keep_quality_rows",
+      action="store_true",
+      help="keep the last JSON's quality rows of the kinds not in --quality_kinds",
+  )
   p.add_argument(
       "--skip_quality", action="store_true", help="leave out the quality comparisons (30 min)"
   )
@@ -209,7 +221,12 @@ def lm_windows(length, num_entities=3000):
   return windows[:-held_out], windows[-held_out:]
 
 
-def _quality_model(kind, vocab, block_length, num_codes):
+# Quality runs: name -> (T5Config.decoder_self_attention, VQAttentionConfig.far_key_gradient).
+QUALITY_KINDS = {"dense": ("dense", False), "vq": ("vq", False), "vq_key_gradient": ("vq", True)}
+
+
+def _quality_model(kind, vocab, block_length, num_codes, ema_decay):
+  attention, far_key_gradient = QUALITY_KINDS[kind]
   config = T5Config(
       vocab_size=vocab,
       emb_dim=64,
@@ -224,8 +241,13 @@ def _quality_model(kind, vocab, block_length, num_codes):
       # puts most of the sequence behind the compressed cache at a length CPUs can train.
       relative_attention_max_distance=block_length,
       relative_attention_num_buckets=16,
-      decoder_self_attention=kind,
-      vq_attention=VQAttentionConfig(num_codes=num_codes, block_length=block_length),
+      decoder_self_attention=attention,
+      vq_attention=VQAttentionConfig(
+          num_codes=num_codes,
+          block_length=block_length,
+          ema_decay=ema_decay,
+          far_key_gradient=far_key_gradient,
+      ),
   )
   return models.EncoderDecoderModel(config, z_loss=0.0)
 
@@ -301,9 +323,15 @@ def quality(flags):
       ("recall", RECALL_VOCAB, flags.recall_steps, recall_train_batch, recall_eval),
       ("lm", 259, flags.lm_steps, lm_train_batch, lm_eval),
   ):
-    for kind in ("dense", "vq"):
+    for kind in flags.quality_kinds.split(","):
       for seed in range(flags.seeds):
-        model = _quality_model(kind, vocab, flags.quality_block_length, flags.quality_num_codes)
+        model = _quality_model(
+            kind,
+            vocab,
+            flags.quality_block_length,
+            flags.quality_num_codes,
+            flags.quality_ema_decay,
+        )
         sums, seconds = train_and_eval(model, seed, steps, train_batch, eval_batches)
         row = {"task": task, "attention": kind, "seed": seed, "steps": steps, "s": seconds}
         if task == "recall":
@@ -317,9 +345,10 @@ def quality(flags):
 
 def _summary(rows, task, key):
   out = {}
-  for kind in ("dense", "vq"):
+  for kind in QUALITY_KINDS:
     vals = [r[key] for r in rows if r["task"] == task and r["attention"] == kind]
-    out[kind] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals))}
+    if vals:
+      out[kind] = {"mean": float(np.mean(vals)), "min": float(min(vals)), "max": float(max(vals))}
   return out
 
 
@@ -348,14 +377,23 @@ def _plot(rows):
   print(f"wrote {path}")
 
 
+def _last_results():
+  path = os.path.join(report.RESULTS_DIR, "vq_attention.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"--skip_speed / --keep_quality_rows: no {path} to keep rows of")
+  with open(path) as f:
+    return path, json.load(f)
+
+
 def main():
   flags = _flags()
+  kinds = flags.quality_kinds.split(",")
+  unknown = sorted(set(kinds) - set(QUALITY_KINDS))
+  if unknown:
+    raise SystemExit(f"--quality_kinds: unknown {unknown}; choose from {list(QUALITY_KINDS)}")
   if flags.skip_speed:
-    path = os.path.join(report.RESULTS_DIR, "vq_attention.json")
-    if not os.path.exists(path):
-      raise SystemExit(f"--skip_speed: no {path} to keep the speed rows of; run without it")
-    with open(path) as f:
-      rows = json.load(f)["rows"]
+    path, last = _last_results()
+    rows = last["rows"]
     print(f"speed rows kept from {path}")
   else:
     rows = speed(flags)
@@ -368,21 +406,29 @@ def main():
       "dense_over_vq_8k_fwd_bwd": _ratio(rows, 8192, "fwd_bwd_s"),
       "targets": {"vq_slope": "<= 1.1", "dense_over_vq_8k": ">= 3", "recall_gap_points": "<= 2"},
   }
-  quality_rows = []
-  if not flags.skip_speed:  # Written now and again after quality: speed survives an interrupt.
+  quality_rows, kept = [], {}
+  if flags.skip_speed:
+    kept["speed_rows_kept_from_an_earlier_run"] = True
+  else:  # Written now and again after quality: speed survives an interrupt.
     report.write_results("vq_attention", rows, quality=[], summary=summary, flags=vars(flags))
     _plot(rows)
   if not flags.skip_quality:
     quality_rows = quality(flags)
+    if flags.keep_quality_rows:
+      old = [r for r in _last_results()[1]["quality"] if r["attention"] not in kinds]
+      quality_rows = old + quality_rows
+      kept["quality_rows_kept_from_an_earlier_run"] = sorted({r["attention"] for r in old})
     report.print_table(
         quality_rows, ["task", "attention", "seed", "steps", "accuracy", "bits_per_byte", "s"]
     )
     summary["recall_accuracy"] = acc = _summary(quality_rows, "recall", "accuracy")
-    summary["recall_gap_points"] = acc["dense"]["mean"] - acc["vq"]["mean"]
     summary["lm_bits_per_byte"] = _summary(quality_rows, "lm", "bits_per_byte")
+    for kind in ("vq", "vq_key_gradient"):
+      if "dense" in acc and kind in acc:
+        gap = acc["dense"]["mean"] - acc[kind]["mean"]
+        summary["recall_gap_points" + kind[2:]] = gap
   for k, v in summary.items():
     print(f"{k}: {v}")
-  kept = {"speed_rows_kept_from_an_earlier_run": True} if flags.skip_speed else {}
   report.write_results(
       "vq_attention", rows, quality=quality_rows, summary=summary, flags=vars(flags), **kept
   )

@@ -52,7 +52,9 @@ class VQAttentionConfig:
   num_codes: S codes per head (Transformer-VQ: 512). block_length: L; must be >=
   T5Config.relative_attention_max_distance. commitment_weight: weight of the keys'
   commitment loss added to the training loss (Transformer-VQ: 1e-4). ema_decay,
-  dead_code_threshold: of the codebooks' EMA (Transformer-VQ: 0.99).
+  dead_code_threshold: of the codebooks' EMA (Transformer-VQ: 0.99). far_key_gradient:
+  keys outside the exact window also get dense attention's straight-through gradient
+  (Transformer-VQ: off; they get none): exact, but S x dv x d more work per query.
   """
 
   num_codes: int = 512
@@ -60,6 +62,7 @@ class VQAttentionConfig:
   commitment_weight: float = 1e-4
   ema_decay: float = 0.99
   dead_code_threshold: float = 0.01
+  far_key_gradient: bool = False
 
   def __post_init__(self):
     for field in ("num_codes", "block_length"):
@@ -143,18 +146,37 @@ def _neighbours(blocks, bidirectional, axis):
   return prev, blocks, nxt
 
 
-def code_stats(codes, values, mask, num_codes: int):
+def code_stats(codes, values, mask, num_codes: int, keys=None):
   """Per-code counts [b, h, S] and value sums [b, h, S, dv] of keys codes [b, n, h] with
-  values [b, n, h, dv] where mask [b, n]; a one-hot matmul (MXU-friendly, no scatter)."""
+  values [b, n, h, dv] where mask [b, n]; a one-hot matmul (MXU-friendly, no scatter).
+
+  With `keys` [b, n, h, d] (straight-through quantized) also the per-code sums of
+  delta = keys - stop_gradient(keys) [b, h, S, d] and of value x delta [b, h, S, dv, d]:
+  zero in value, they carry the keys' gradient through the summary (see `_attend`).
+  """
   onehot = jax.nn.one_hot(codes, num_codes, dtype=jnp.float32) * mask[:, :, None, None]
   counts = jnp.sum(onehot, axis=1)
-  sums = jnp.einsum("bnhs,bnhd->bhsd", onehot, values.astype(jnp.float32))
-  return counts, sums
+  values = values.astype(jnp.float32)
+  sums = jnp.einsum("bnhs,bnhd->bhsd", onehot, values)
+  if keys is None:
+    return counts, sums
+  delta = keys.astype(jnp.float32)
+  delta = delta - lax.stop_gradient(delta)
+  dsums = jnp.einsum("bnhs,bnhd->bhsd", onehot, delta)
+  vdsums = jnp.einsum("bnhs,bnhe,bnhd->bhsed", onehot, values, delta)
+  return counts, sums, dsums, vdsums
 
 
 def _attend(q, k, v, allowed, bias, summaries, codebook, drop):
   """Queries q [b, n, h, d] over window keys k / values v [b, W, h, d] (allowed/bias
-  broadcast to [b, h, n, W]) and code summaries [(counts, sums, far [h])], one softmax.
+  broadcast to [b, h, n, W]) and code summaries [(stats, far [h])] (stats: `code_stats`),
+  one softmax.
+
+  The summary's weight of a code, count x exp(q . c), is the sum of its keys' dense
+  weights exp(q . key) only in value: it has no derivative in the keys. Where the stats
+  hold the delta sums, the weights are taken to first order in delta, exp(q . c) x (1 +
+  q . delta), which is exact in value (delta = 0) and in its first derivative, so each
+  summarised key gets dense attention's straight-through gradient, in linear time.
 
   `drop(weights, i)` applies dropout to the unnormalised weights (identity without it).
   Rows with nothing to attend to give 0 (dense attention's masked rows are arbitrary too).
@@ -164,8 +186,8 @@ def _attend(q, k, v, allowed, bias, summaries, codebook, drop):
   s = jnp.where(allowed, s, -jnp.inf)
   cq = jnp.einsum("bqhd,hsd->bhqs", q, codebook.astype(q.dtype), preferred_element_type=f32)
   code_scores = [
-      jnp.where(counts[:, :, None] > 0, cq + far[None, :, None, None], -jnp.inf)
-      for counts, _, far in summaries
+      jnp.where(stats[0][:, :, None] > 0, cq + far[None, :, None, None], -jnp.inf)
+      for stats, far in summaries
   ]
   m = jnp.max(s, axis=-1)
   for c in code_scores:
@@ -174,19 +196,25 @@ def _attend(q, k, v, allowed, bias, summaries, codebook, drop):
   p = jnp.exp(s - m)
   den = jnp.sum(p, axis=-1)
   num = jnp.einsum("bhqk,bkhd->bqhd", drop(p, 0).astype(v.dtype), v, preferred_element_type=f32)
-  for i, (c, (counts, sums, _)) in enumerate(zip(code_scores, summaries)):
+  for i, (c, (stats, _)) in enumerate(zip(code_scores, summaries)):
     pc = jnp.exp(c - m)
-    den = den + jnp.einsum("bhqs,bhs->bhq", pc, counts)
-    num = num + jnp.einsum("bhqs,bhsd->bqhd", drop(pc, i + 1), sums)
+    pd = drop(pc, i + 1)
+    den = den + jnp.einsum("bhqs,bhs->bhq", pc, stats[0])
+    num = num + jnp.einsum("bhqs,bhsd->bqhd", pd, stats[1])
+    if len(stats) == 4:
+      qf = q.astype(f32)
+      den = den + jnp.einsum("bhqs,bhsd,bqhd->bhq", pc, stats[2], qf)
+      num = num + jnp.einsum("bhqs,bhsed,bqhd->bqhe", pd, stats[3], qf)
   den = jnp.moveaxis(jnp.where(den > 0, den, 1.0), 1, 2)[..., None]  # [b, q, h, 1]
   return num / den
 
 
-def block_attention(q, k, v, codes, bias: BlockBias, codebook, drop):
+def block_attention(q, k, v, codes, bias: BlockBias, codebook, drop, key_gradient=False):
   """VQ attention over a whole sequence: q, k [b, l, h, d], v [b, l, h, dv], codes
   [b, l, h], codebook [h, S, d]; out [b, l, h, dv] float32. One `lax.scan` step per block
-  carries the code summary of the keys before its window."""
-  b, l, h, _ = q.shape
+  carries the code summary of the keys before its window; `key_gradient`: the summary
+  also carries the keys' gradient (`_attend`)."""
+  b, l, h, d = q.shape
   cl, num_codes, bidi = bias.block_length, codebook.shape[1], bias.bidirectional
   key_mask = jnp.ones((b, l), jnp.bool_) if bias.key_mask is None else bias.key_mask
   to_blocks = lambda x: jnp.moveaxis(_blocked(x, cl, axis=1), 1, 0)  # [nb, b, L, ...]
@@ -200,22 +228,23 @@ def block_attention(q, k, v, codes, bias: BlockBias, codebook, drop):
     allowed = jnp.arange(width)[None] <= jnp.arange(cl)[:, None] + cl
   per_block = bias.window.shape[1] != 1
   window_bias = jnp.moveaxis(bias.window, 1, 0) if per_block else jnp.zeros((nb,))
-  stats = lambda c, x, m: code_stats(c, x, m, num_codes)
-  zeros = (
-      jnp.zeros((b, h, num_codes), jnp.float32),
-      jnp.zeros((b, h, num_codes, v.shape[-1]), jnp.float32),
-  )
+  stats = lambda c, x, m, keys: code_stats(c, x, m, num_codes, keys if key_gradient else None)
+  dv = v.shape[-1]
+  shapes = [(b, h, num_codes), (b, h, num_codes, dv)]
+  if key_gradient:
+    shapes += [(b, h, num_codes, d), (b, h, num_codes, dv, d)]
+  zeros = tuple(jnp.zeros(shape, jnp.float32) for shape in shapes)
   if bidi:  # Everything, so that "after the window" = total - before - window.
     add = lambda acc, x: (jax.tree.map(jnp.add, acc, stats(*x)), None)
-    total = lax.scan(add, zeros, (cb, vb, mb))[0]
+    total = lax.scan(add, zeros, (cb, vb, mb, kb))[0]
 
   def body(before, xs):
     i, qn, kn, vn, cn, mn, wn, prev = xs
-    summaries = [(*before, bias.far[:, 0])]
+    summaries = [(before, bias.far[:, 0])]
     if bidi:
-      inside = stats(cn, vn, mn)
+      inside = stats(cn, vn, mn, kn)
       after = jax.tree.map(lambda t, a, w: t - a - w, total, before, inside)
-      summaries.append((*after, bias.far[:, 1]))
+      summaries.append((after, bias.far[:, 1]))
     out = _attend(
         qn,
         kn,
@@ -229,7 +258,7 @@ def block_attention(q, k, v, codes, bias: BlockBias, codebook, drop):
     # The previous block leaves the window of the next one.
     return jax.tree.map(jnp.add, before, stats(*prev)), out
 
-  prev = (windows[2][0], windows[1][0], windows[3][0])  # codes, values, mask
+  prev = (windows[2][0], windows[1][0], windows[3][0], windows[0][0])  # codes, values, mask, keys
   xs = (jnp.arange(nb), qb, kw, vw, cw, mw, window_bias, prev)
   _, out = lax.scan(body, zeros, xs)
   return jnp.moveaxis(out, 0, 1).reshape(b, nb * cl, h, -1)[:, :l]
@@ -272,7 +301,7 @@ def _decode_step(cache, q, k, v, codes, bias: BlockBias, codebook):
       cache["values"],
       allowed,
       bias.window[:, 0].astype(jnp.float32),
-      [(cache["counts"], cache["sums"], bias.far[:, 0])],
+      [((cache["counts"], cache["sums"]), bias.far[:, 0])],
       codebook,
       lambda w, _: w,
   )
@@ -352,7 +381,9 @@ class VQAttention(nn.Module):
           * jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, w.shape)
           / (1.0 - rate)
       )
-    out = block_attention(query, key_hat, value, codes, bias, codebook, drop)
+    out = block_attention(
+        query, key_hat, value, codes, bias, codebook, drop, key_gradient=vq.far_key_gradient
+    )
     return out.astype(cfg.dtype)
 
 

@@ -98,6 +98,30 @@ def test_equals_dense_attention_when_keys_are_codewords(
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length,block,mask_from", [(24, 6, None), (23, 8, (23, 9))])
+def test_far_key_gradient_equals_dense_gradient(bidirectional, length, block, mask_from):
+  """With far_key_gradient the summarised keys get dense attention's gradient; without it
+  they get none from the summary, so the key gradients differ."""
+  b = 2
+  q, k, v, codes, codebook, mask = _inputs(length + block, b, length, mask_from)
+  bias_mod = _Bias(bidirectional, block)
+  dense_bias, allowed, blocks = bias_mod.apply(
+      bias_mod.init(jax.random.PRNGKey(1), None, mask), None, mask
+  )
+  w = jnp.asarray(np.random.RandomState(3).randn(*q.shape), jnp.float32) * mask[:, :, None, None]
+  vq = lambda kg: lambda q, k, v: jnp.sum(
+      w * vq_attention.block_attention(q, k, v, codes, blocks, codebook, lambda x, _: x, kg)
+  )
+  dense = lambda q, k, v: jnp.sum(w * _dense(q, k, v, dense_bias, allowed))
+  grads = lambda f: jax.jit(jax.grad(f, (0, 1, 2)), compiler_options=FAST_COMPILE)(q, k, v)
+  want = grads(dense)
+  for got, wanted in zip(grads(vq(True)), want):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(wanted), rtol=1e-4, atol=1e-5)
+  without = grads(vq(False))
+  assert np.max(np.abs(np.asarray(without[1]) - np.asarray(want[1]))) > 0.1
+
+
 VQ_CONFIG = dataclasses.replace(
     CONFIG,
     encoder_attention="vq",
@@ -159,6 +183,29 @@ def test_train_forward_updates_codebooks_and_sows_commitment():
   assert float(loss) > 0 and float(loss) < 4 * per_layer * 100  # 4 vq layers
   assert 0 < float(metrics["vq_attention/codebook_usage"]) <= 10.0
   assert vq_attention.training_terms({}, 1.0) == (None, {})
+
+
+def test_far_key_gradient_keeps_the_outputs_and_moves_the_key_gradient():
+  enc, dec = _tokens(5, 2, 20, (20, 13)), _tokens(6, 2, 19)  # 19 steps: 4 blocks of 6
+  variables, _ = _seeded(network.Transformer(VQ_CONFIG), enc, dec)
+
+  def run(far_key_gradient):
+    vq = dataclasses.replace(VQ_CONFIG.vq_attention, far_key_gradient=far_key_gradient)
+    model = network.Transformer(dataclasses.replace(VQ_CONFIG, vq_attention=vq))
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, enc, dec, dec) ** 2)
+    return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(variables["params"])
+
+  (plain, plain_grads), (far, far_grads) = run(False), run(True)
+  np.testing.assert_allclose(float(far), float(plain), rtol=1e-6)
+  # The last layer's value gradient does not depend on the key gradient; its key's does
+  # (the layers below get both through their outputs).
+  last = lambda g, name: np.asarray(
+      nn.unbox(g["decoder"]["layers_1"]["self_attention"][name]["kernel"])
+  )
+  assert not np.allclose(last(far_grads, "key"), last(plain_grads, "key"), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(
+      last(far_grads, "value"), last(plain_grads, "value"), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_incremental_decoding_equals_the_full_forward():
