@@ -391,9 +391,10 @@ def main():
   unknown = sorted(set(kinds) - set(QUALITY_KINDS))
   if unknown:
     raise SystemExit(f"--quality_kinds: unknown {unknown}; choose from {list(QUALITY_KINDS)}")
+  # Read before the speed rows overwrite the JSON.
+  last = _last_results() if flags.skip_speed or flags.keep_quality_rows else None
   if flags.skip_speed:
-    path, last = _last_results()
-    rows = last["rows"]
+    path, rows = last[0], last[1]["rows"]
     print(f"speed rows kept from {path}")
   else:
     rows = speed(flags)
@@ -415,7 +416,7 @@ def main():
   if not flags.skip_quality:
     quality_rows = quality(flags)
     if flags.keep_quality_rows:
-      old = [r for r in _last_results()[1]["quality"] if r["attention"] not in kinds]
+      old = [r for r in last[1]["quality"] if r["attention"] not in kinds]
       quality_rows = old + quality_rows
       kept["quality_rows_kept_from_an_earlier_run"] = sorted({r["attention"] for r in old})
     report.print_table(
