@@ -196,13 +196,13 @@ def _attend(q, k, v, allowed, bias, summaries, codebook, drop):
   p = jnp.exp(s - m)
   den = jnp.sum(p, axis=-1)
   num = jnp.einsum("bhqk,bkhd->bqhd", drop(p, 0).astype(v.dtype), v, preferred_element_type=f32)
+  qf = q.astype(f32)
   for i, (c, (stats, _)) in enumerate(zip(code_scores, summaries)):
     pc = jnp.exp(c - m)
     pd = drop(pc, i + 1)
     den = den + jnp.einsum("bhqs,bhs->bhq", pc, stats[0])
     num = num + jnp.einsum("bhqs,bhsd->bqhd", pd, stats[1])
     if len(stats) == 4:
-      qf = q.astype(f32)
       den = den + jnp.einsum("bhqs,bhsd,bqhd->bhq", pc, stats[2], qf)
       num = num + jnp.einsum("bhqs,bhsed,bqhd->bqhe", pd, stats[3], qf)
   den = jnp.moveaxis(jnp.where(den > 0, den, 1.0), 1, 2)[..., None]  # [b, q, h, 1]

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from lumenvq import paths
 from lumenvq.data import passage_table
 
 
@@ -83,3 +84,17 @@ def test_unfinished_or_other_version_table_is_refused(build_table, tmp_path):
       FileNotFoundError, match=r"t is not a finished passage table: manifest.json is missing"
   ):
     passage_table.PassageTable(tmp_path / "t")
+
+
+@pytest.mark.parametrize("whole_read_bytes", [passage_table.WHOLE_READ_BYTES, 0])
+def test_a_remote_blob_read_whole_or_by_ranges_gives_the_file_bytes(gcs_bucket, whole_read_bytes):
+  """Up to the threshold a remote shard file is one read (an array); above it, a ranged read
+  per slice: the same bytes either way."""
+  data = bytes(range(256)) * 40
+  path = f"{gcs_bucket}/blob-{os.getpid()}-{whole_read_bytes}/text.bin"
+  paths.path(path).parent.mkdir(parents=True, exist_ok=True)
+  paths.path(path).write_bytes(data)
+  blob = passage_table.open_blob(path, whole_read_bytes)
+  assert isinstance(blob, np.ndarray) == (whole_read_bytes > 0)
+  for start, stop in ((0, 1), (250, 9000), (10239, 10240), (5, 5)):
+    assert bytes(blob[start:stop]) == data[start:stop]
