@@ -176,8 +176,8 @@ class _Shard:
 
 class PassageTokens:
   """Read side: `lookup(ids, eos_id)` -> the passages' tokens as `seqio_tasks.tokenize_passages`
-  makes them. Opened lazily and memory-mapped (on gs://, each file up to 64 MiB read whole,
-  a larger one by ranges), like `PassageTable`."""
+  makes them. Opened lazily and memory-mapped (on gs:// as `passage_table.open_blob` reads),
+  like `PassageTable`."""
 
   def __init__(self, directory: str, table: PassageTable, vocabulary_path: str):
     self.directory = directory
