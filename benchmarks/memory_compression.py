@@ -7,12 +7,15 @@ recipe (gin_configs/demo, the demo world, LUMEN trained first):
 Frontier (every model from the trained LUMEN checkpoint, `--vq_steps` more steps, as
 MEMORY-VQ does): product quantization at 8x / 16x / 32x / 64x over bf16 (32 / 16 / 8 / 4
 subspaces of 256 codes), residual PQ (2 stages), and token pruning + PQ at the 32x and 64x
-byte budgets (`ReaderConfig.token_pruning`: learned keep-score, VQ-LM score, first M,
-random), with LUMEN and LUMEN-Light (first quarter of the tokens, bf16) as references. Bytes
-per memory token count everything a stored token costs (codes, and each kept token's
-position) per passage token position, as the demo's store table does; each LUMEN-VQ model's
-store is precomputed and measured on disk too (metadata and codebooks included), and its
-codes give the codebook usage and perplexity per subspace. LUMEN-VQ at 16x is trained with
+byte budgets (`ReaderConfig.token_pruning`: learned keep-score, VQ-LM score, first tokens,
+random; the budget, a share of each passage's real tokens, is the largest that fits), with
+LUMEN and LUMEN-Light (first quarter of the slots, bf16) as references. Bytes per memory token
+count everything a stored token costs (codes, and each kept token's position) per *real*
+token of the demo passages (a third of their 48 slots are padding, which no store needs to
+keep: counted per slot, dropping it would read as compression); each LUMEN-VQ model's store
+is precomputed and measured on disk too (metadata and codebooks included), its lengths are
+checked against the reader's kept tokens, and its codes give the codebook usage and
+perplexity per subspace. LUMEN-VQ at 16x is trained with
 three seeds: their spread says which differences are results.
 
 Ablations (MEMORY-VQ's table): LUMEN-VQ trained jointly (the 16x frontier model), with the
@@ -43,6 +46,7 @@ import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lumenvq import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lumenvq.memory import memory_store  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lumenvq.model import reader_models, token_pruning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LP = 48  # gin_configs/demo/reader.gin's passage length.
 BF16_BYTES = 256  # d = 128 in bf16 per memory token.
@@ -56,18 +60,17 @@ def _pq(subspaces, residual=1, codes=256):
   ]
 
 
-def _pruned(method, kept):
-  return [
-      "ReaderConfig.token_pruning = @TokenPruning()",
-      f"TokenPruning.method = '{method}'",
-      f"TokenPruning.budget = {kept / LP!r}",
-  ]
+def _pruned(method):
+  return ["ReaderConfig.token_pruning = @TokenPruning()", f"TokenPruning.method = '{method}'"]
 
 
 FALLBACK = ["train.fallback_to_scratch = True"]  # The importance head is new.
 
 
-def _experiment(name, group, gin, bindings=(), start="lumen", train_bindings=(), seed=0):
+def _experiment(
+    name, group, gin, bindings=(), start="lumen", train_bindings=(), seed=0, pruned_to=None
+):
+  """`pruned_to`: the compression over bf16 the pruning budget is chosen for (`_budget`)."""
   return dict(
       name=name,
       group=group,
@@ -76,10 +79,12 @@ def _experiment(name, group, gin, bindings=(), start="lumen", train_bindings=(),
       start=start,
       train_bindings=list(train_bindings) + ([f"train.seed = {seed}"] if seed else []),
       seed=seed,
+      pruned_to=pruned_to,
   )
 
 
-# 32x: 16 codes + a position per kept token, 22 of 48 kept: 7.8 bytes; 64x: 11 kept.
+# Pruned: 16 codes + a position per kept token, the budget the largest share of each passage's
+# real tokens that stays within 32x (64x): 45% (21.5%) on the demo passages.
 FRONTIER = [
     _experiment("lumen", "reference", "lumen", start="scratch"),
     _experiment("lumen_light_4x", "reference", "lumen_light"),
@@ -96,12 +101,13 @@ FRONTIER = [
             f"pruned_{method}_{ratio}x",
             f"pruned_{method}",
             "lumen_vq",
-            _pq(16) + _pruned(method, kept),
+            _pq(16) + _pruned(method),
             train_bindings=FALLBACK,
+            pruned_to=ratio,
         )
-        for ratio, kept, methods in (
-            (32, 22, ("learned", "vq_lm", "first", "random")),
-            (64, 11, ("learned", "vq_lm", "first")),
+        for ratio, methods in (
+            (32, ("learned", "vq_lm", "first", "random")),
+            (64, ("learned", "vq_lm", "first")),
         )
         for method in methods
     ],
@@ -144,9 +150,34 @@ def _flags(bindings):
   return [f"--gin.{b.replace(' = ', '=')}" for b in bindings]
 
 
-def _run_experiment(e, args, out, data) -> dict:
+def _real_tokens(out) -> np.ndarray:
+  """Real tokens of every demo passage as the readers see it (its ids and EOS, cut to Lp)."""
+  from lumenvq.data import vocab  # pylint: disable=g-import-not-at-top
+  from lumenvq.data.passage_table import PassageTable  # pylint: disable=g-import-not-at-top
+
+  spm = vocab.get_vocabulary(os.path.join(out, "vocab", "spm.model"))
+  table = PassageTable(os.path.join(out, "passages"))
+  return np.array([min(len(spm.encode(text)) + 1, LP) for text in table.iter_texts()])
+
+
+def _budget(ratio, gin_file, bindings, real_tokens) -> float:
+  """The largest pruning budget (a multiple of 0.005) whose memory stays within `ratio` over
+  bf16 per real token of these passages."""
+  per_kept, _ = quality.storage(gin_file, bindings + ["TokenPruning.budget = 1.0"], real_tokens)
+  for budget in np.arange(200, 0, -1) / 200:
+    kept = token_pruning.TokenPruning(budget=float(budget)).kept_tokens(real_tokens).sum()
+    if per_kept * kept / real_tokens.sum() <= BF16_BYTES / ratio:
+      return float(budget)
+  raise ValueError(f"no pruning budget reaches {ratio}x with {bindings}")
+
+
+def _run_experiment(e, args, out, data, real_tokens) -> dict:
   gin_file = os.path.join(args.gin_dir, f"{e['gin']}.gin")
   model_dir = os.path.join(out, "models", DEMO_DIRS.get(e["name"], f"compression/{e['name']}"))
+  if e["pruned_to"]:  # Its directories name the budget: another budget is another model.
+    budget = _budget(e["pruned_to"], gin_file, e["bindings"] + args.gin, real_tokens)
+    e = {**e, "bindings": e["bindings"] + [f"TokenPruning.budget = {budget}"], "budget": budget}
+    model_dir += f"_budget{budget}"
   common = [*_flags(e["bindings"]), *[f"--gin.{b}" for b in args.gin]]
   train_flags = common + _flags(e["train_bindings"])
   if e["start"] == "lumen":  # As MEMORY-VQ: from LUMEN's parameters, vq_steps more.
@@ -162,26 +193,30 @@ def _run_experiment(e, args, out, data) -> dict:
     )
   metrics = demo.evaluate(f"evaluate {e['name']}", model_dir, gin_file, steps, data, common)
   scores = {t: 100 * metrics[f"lumenvq_demo_{t}/{k}"] for t, k in quality.SCORE.items()}
-  bytes_per_token, _ = quality.storage(gin_file, e["bindings"] + args.gin)
+  bindings = e["bindings"] + args.gin
+  bytes_per_token, _ = quality.storage(gin_file, bindings, real_tokens)
   row = {
       "model": e["name"],
       "group": e["group"],
       "seed": e["seed"],
       "bytes_per_token": bytes_per_token,
+      "full_passage_bytes_per_token": quality.storage(gin_file, bindings)[0],
+      "budget": e.get("budget"),
       "compression": BF16_BYTES / bytes_per_token,  # Over the d = 128 reader's bf16 memory.
       "avg_em": sum(scores.values()) / len(scores),
       **scores,
   }
   if e["gin"] == "lumen_vq":
-    row.update(_store_figures(e, args, out, model_dir, gin_file, common))
+    row.update(_store_figures(e, args, out, model_dir, gin_file, common, real_tokens))
     row["reset_codes"] = _logged_total(model_dir, "quantizer/num_reset_codes")
   return row
 
 
-def _store_figures(e, args, out, model_dir, gin_file, common) -> dict:
-  """The model's store over the whole passage table: bytes on disk per memory token, and
-  per subspace the share of codes used and the perplexity of their use (real tokens)."""
-  store_path = os.path.join(out, "memory", "compression", e["name"])
+def _store_figures(e, args, out, model_dir, gin_file, common, real_tokens) -> dict:
+  """The model's store over the whole passage table: bytes on disk per real memory token,
+  and per subspace the share of codes used and the perplexity of their use (real tokens).
+  Its lengths check the byte accounting: an unpruned store's are the real tokens."""
+  store_path = os.path.join(out, "memory", "compression", os.path.basename(model_dir))
   demo.precompute(
       f"precompute {e['name']}",
       model_dir,
@@ -193,6 +228,13 @@ def _store_figures(e, args, out, model_dir, gin_file, common) -> dict:
   )
   store = memory_store.MemoryStore.open(store_path)
   values, lengths = store.read_range(0, store.num_passages)
+  quality.parse_experiment(gin_file, bindings=e["bindings"] + args.gin)
+  kept = reader_models.ReaderModel().reader.stored_tokens(real_tokens)
+  if not np.array_equal(lengths, kept):
+    raise RuntimeError(
+        f"{store_path}: its lengths (mean {lengths.mean():.2f}) are not the tokens the reader "
+        f"keeps of the demo passages (mean {kept.mean():.2f}): bytes per token would be wrong"
+    )
   values = values.reshape(store.num_passages, store.passage_length, store.width)
   codes = values[np.arange(store.passage_length) < lengths[:, None]][:, int(store.positions) :]
   c = store.codebooks.shape[-2]
@@ -202,7 +244,7 @@ def _store_figures(e, args, out, model_dir, gin_file, common) -> dict:
     usage.append(float((p > 0).mean()))
     perplexity.append(float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())))
   return {
-      "store_bytes_per_token": store.bytes_on_disk() / (store.num_passages * LP),
+      "store_bytes_per_token": store.bytes_on_disk() / real_tokens.sum(),
       "real_tokens_per_passage": float(lengths.mean()),
       "codebook_usage": statistics.mean(usage),
       "perplexity": statistics.mean(perplexity),
@@ -285,12 +327,14 @@ def main(argv=None):
     if unknown:
       parser.error(f"--models: unknown experiments {unknown}")
     experiments = [e for e in experiments if e["name"] in wanted]
-  rows = [_run_experiment(e, args, out, data) for e in experiments]
+  real_tokens = _real_tokens(out)
+  rows = [_run_experiment(e, args, out, data, real_tokens) for e in experiments]
   by_name = {r["model"]: r for r in rows}
   columns = [
       "model",
       "group",
       "compression",
+      "budget",
       "bytes_per_token",
       "store_bytes_per_token",
       "avg_em",

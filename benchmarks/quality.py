@@ -87,15 +87,16 @@ def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
   return statistics.median(times)
 
 
-def storage(gin_file: str, bindings=()) -> tuple:
-  """(bytes per memory token, compression over bf16) from the experiment's ReaderConfig."""
+def storage(gin_file: str, bindings=(), real_tokens=None) -> tuple:
+  """(bytes per memory token, compression over bf16) from the experiment's ReaderConfig, per
+  real token of passages with `real_tokens` real tokens each (default: full passages)."""
   parse_experiment(gin_file, bindings=bindings)
   model = reader_models.ReaderModel()
   cfg, reader = model.config, model.reader
   if reader.architecture == "fid":
     return None, None  # FiD keeps no memory: every passage is re-encoded per question.
   # Per passage token (LUMEN-Light keeps M of Lp); float memory is stored as bf16.
-  per_token = reader.memory_bytes_per_token(dataclasses.replace(cfg, dtype="bfloat16"))
+  per_token = reader.memory_bytes_per_token(dataclasses.replace(cfg, dtype="bfloat16"), real_tokens)
   return per_token, 2 * cfg.emb_dim / per_token
 
 

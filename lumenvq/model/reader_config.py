@@ -164,17 +164,28 @@ class ReaderConfig:
       return emb_dim
     return self.num_residual * self.subspaces(emb_dim) + int(self.stores_positions)
 
-  def memory_bytes_per_token(self, t5: T5Config) -> float:
-    """Stored bytes per passage token position: what a stored token costs (codes for
-    lumen_vq, positions included, d activations otherwise) x the kept fraction M / Lp."""
+  def stored_tokens(self, real_tokens):
+    """Memory tokens stored of passages with `real_tokens` real tokens (int or array): the
+    pruned reader's kept share, LUMEN-Light's first M, else every real token."""
+    n = np.asarray(real_tokens, np.int64)
+    if self.token_pruning is not None:
+      return self.token_pruning.kept_tokens(n)
+    return np.minimum(n, self.memory_length)
+
+  def memory_bytes_per_token(self, t5: T5Config, real_tokens=None) -> float:
+    """Stored bytes per real memory token: what a stored token costs (codes for lumen_vq,
+    positions included, d activations otherwise) x the stored share of the real tokens, over
+    passages of `real_tokens` real tokens each (default: full passages, Lp). Padding is not
+    memory: counted per real token, dropping it is no compression."""
     if self.architecture == "lumen_vq":
       itemsize = pq_codec.code_dtype(self.codebook_size).itemsize
     else:
       itemsize = np.dtype(t5.dtype).itemsize
     per_kept = self.stored_width(t5.emb_dim) * itemsize
-    return per_kept * self.memory_length / self.passage_length
+    n = np.full(1, self.passage_length) if real_tokens is None else np.asarray(real_tokens)
+    return per_kept * float(self.stored_tokens(n).sum()) / float(n.sum())
 
-  def compression_ratio(self, t5: T5Config) -> float:
-    """Uncompressed memory (d values in the activation dtype per passage token) over what is
-    stored."""
-    return t5.emb_dim * np.dtype(t5.dtype).itemsize / self.memory_bytes_per_token(t5)
+  def compression_ratio(self, t5: T5Config, real_tokens=None) -> float:
+    """Uncompressed memory (d values in the activation dtype per real token) over what is
+    stored (`memory_bytes_per_token`)."""
+    return t5.emb_dim * np.dtype(t5.dtype).itemsize / self.memory_bytes_per_token(t5, real_tokens)

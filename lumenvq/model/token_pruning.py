@@ -1,11 +1,15 @@
 """Variable-rate memory: keep the memory tokens that carry information, drop the rest.
 
-A passage's memory keeps at most M = ceil(budget * Lp) of its tokens (`TokenPruning.budget`,
-gin), the M real tokens of highest importance, in their original order, with their original
-positions (the live encoder's relative attention still sees where they were). Importance
+A passage of n real tokens keeps ceil(budget * n) of them (`TokenPruning.budget`, gin): the
+real tokens of highest importance, in their original order, with their original positions
+(the live encoder's relative attention still sees where they were). The budget is a share of
+the passage's real tokens, not of its Lp slots: padding is not memory, and a budget of slots
+would let short passages keep everything while long ones lose most of theirs (and would
+count the padding it drops as compression). The memory array has M = ceil(budget * Lp) slots,
+what a full passage keeps; the slots past a passage's kept count are masked. Importance
 (`TokenPruning.method`):
 
-  'first'    the first M tokens (LUMEN-Light's choice);
+  'first'    the first tokens (LUMEN-Light's choice, as a share of the passage);
   'random'   a fixed pseudo-random draw per (token, position): the same passage keeps the
              same tokens whether computed on the fly or precomputed;
   'learned'  a keep-score head (one Dense on the memory encoder output) trained end to end
@@ -35,6 +39,7 @@ import gin
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 METHODS = ("first", "random", "learned", "vq_lm")
 LOSS_NAME = "token_pruning_loss"  # What the vq_lm head sows for the model's loss.
@@ -62,8 +67,16 @@ class TokenPruning:
       raise ValueError(f"TokenPruning.head_loss_weight={self.head_loss_weight}: must be >= 0")
 
   def kept_length(self, passage_length: int) -> int:
-    """M memory tokens kept per passage (at least one)."""
-    return max(1, math.ceil(self.budget * passage_length - 1e-9))
+    """M: the memory slots per passage, what a passage of `passage_length` real tokens keeps."""
+    return int(self.kept_tokens(passage_length))
+
+  def kept_tokens(self, real_tokens):
+    """Tokens kept of passages with `real_tokens` real tokens (int or array): ceil(budget n),
+    at least one of a non-empty passage. Integer-exact, so the model (a table of it) and the
+    byte accounting agree."""
+    n = np.asarray(real_tokens, np.int64)
+    k = np.array([math.ceil(self.budget * int(m) - 1e-9) for m in n.ravel()], np.int64)
+    return np.where(n > 0, np.maximum(k.reshape(n.shape), 1), 0)
 
   def as_fingerprint(self) -> dict:
     return dataclasses.asdict(self)
@@ -90,12 +103,18 @@ def _hash_scores(tokens, positions):
   return (h >> 8).astype(jnp.float32) / float(1 << 24)
 
 
-def select(scores, mask, kept_length: int) -> jax.Array:
-  """Indices [..., M] of the `kept_length` highest-scoring real tokens, ascending; padding
-  ranks last (a passage shorter than M keeps its real tokens and some padding, masked)."""
+def select(scores, mask, kept_length: int, keep=None) -> tuple:
+  """(indices [..., M], their mask [..., M]): the `keep` [...] (default: M) highest-scoring
+  real tokens of each passage, ascending, first; then the other slots (masked), padding and
+  real tokens past the passage's `keep`."""
   ranked = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
-  _, index = lax.top_k(ranked, kept_length)
-  return jnp.sort(index, axis=-1)
+  _, index = lax.top_k(ranked, kept_length)  # Best first.
+  kept = take(mask, index)
+  if keep is not None:
+    kept &= jnp.arange(kept_length) < keep[..., None]
+  lp = mask.shape[-1]
+  key = jnp.sort(jnp.where(kept, index, lp + index), axis=-1)  # The kept ones first, in order.
+  return key % lp, key < lp
 
 
 def take(x, index):
@@ -142,8 +161,8 @@ class TokenImportance(nn.Module):
       )
       scores = lax.stop_gradient(ce)
     scores = scores - p.position_prior * positions.astype(jnp.float32) / lp
-    index = select(scores, mask, p.kept_length(lp))
-    kept_mask = take(mask, index)
+    keep = jnp.asarray(p.kept_tokens(np.arange(lp + 1)), jnp.int32)[jnp.sum(mask, axis=-1)]
+    index, kept_mask = select(scores, mask, p.kept_length(lp), keep)
     if logit is None:
       straight_through = jnp.zeros(index.shape, jnp.float32)
     else:

@@ -71,11 +71,31 @@ def _seeded_vq(module):
 def test_select_keeps_the_top_real_tokens_in_order():
   scores = jnp.array([[0.1, 0.9, 0.5, 0.7, 0.0, 3.0]])
   mask = jnp.array([[True, True, True, True, True, False]])
-  np.testing.assert_array_equal(token_pruning.select(scores, mask, 3), [[1, 2, 3]])
+  index, kept = token_pruning.select(scores, mask, 3)
+  np.testing.assert_array_equal(index, [[1, 2, 3]])
+  assert np.asarray(kept).all()
   short = jnp.array([[True, True, False, False, False, False]])
-  index = np.asarray(token_pruning.select(scores, short, 3))[0]
-  assert list(index) == sorted(index) and {0, 1} <= set(index)  # Both real tokens, in order.
-  assert np.asarray(short)[0, index].sum() == 2
+  index, kept = map(np.asarray, token_pruning.select(scores, short, 3))
+  np.testing.assert_array_equal(index[0, :2], [0, 1])  # Both real tokens, in order, first.
+  np.testing.assert_array_equal(kept, [[True, True, False]])
+  # A passage's own count: the best 2 of its real tokens, in order, then a masked slot.
+  index, kept = map(np.asarray, token_pruning.select(scores, mask, 3, jnp.array([2])))
+  np.testing.assert_array_equal(index[0, :2], [1, 3])
+  np.testing.assert_array_equal(kept, [[True, True, False]])
+
+
+def test_budget_is_a_share_of_each_passages_real_tokens():
+  p = TokenPruning(budget=0.5)
+  np.testing.assert_array_equal(p.kept_tokens([0, 1, 3, 5, 8, 48]), [0, 1, 2, 3, 4, 24])
+  assert p.kept_length(48) == 24 and TokenPruning(budget=0.01).kept_tokens(48) == 1
+  module = _reader("lumen_vq", TokenPruning(method="first", budget=0.5))
+  memory = module.apply(
+      _seeded_vq(module), PASSAGES, return_codes=True, method=readers.Reader.compute_memory
+  )
+  # Real tokens [[8, 5], [3, 0]] keep [[4, 3], [2, 0]]: 'first' keeps the first of each.
+  np.testing.assert_array_equal(memory.mask.sum(-1), [[4, 3], [2, 0]])
+  np.testing.assert_array_equal(memory.positions[0, 1, :3], [0, 1, 2])
+  np.testing.assert_array_equal(memory.positions[1, 0, :2], [0, 1])
 
 
 @pytest.mark.parametrize(
@@ -101,16 +121,19 @@ def test_reader_config_refuses_pruning_it_cannot_store():
     )
 
 
-def test_kept_length_and_honest_bytes():
-  assert TokenPruning(budget=0.5).kept_length(48) == 24
-  assert TokenPruning(budget=0.01).kept_length(48) == 1
+def test_bytes_are_counted_per_real_memory_token():
   t5 = dataclasses.replace(CONFIG, emb_dim=128)
   plain = ReaderConfig(architecture="lumen_vq", passage_length=48, codebook_size=256)
   pruned = dataclasses.replace(plain, num_subspaces=16, token_pruning=TokenPruning(budget=0.5))
   assert plain.memory_bytes_per_token(t5) == 8  # 128 / 16 dims: 8 uint8 codes.
-  # 24 of 48 tokens, each 16 codes + its position: 17 * 24 / 48.
+  # Full passages: 24 of 48 tokens, each 16 codes + its position: 17 * 24 / 48.
   assert pruned.memory_bytes_per_token(t5) == 8.5 and pruned.stored_width(128) == 17
   assert pruned.compression_ratio(t5) == pytest.approx(512 / 8.5)
+  # Passages of 48 and 10 real tokens keep 24 and 5: 17 * 29 / 58. Padding is free for all.
+  assert pruned.memory_bytes_per_token(t5, [48, 10]) == pytest.approx(17 * 29 / 58)
+  assert plain.memory_bytes_per_token(t5, [48, 10]) == 8
+  light = ReaderConfig(architecture="lumen_light", passage_length=48, light_length=12)
+  assert light.memory_bytes_per_token(t5, [48, 10]) == pytest.approx(512 * 22 / 58)  # f32
 
 
 @pytest.mark.parametrize(
@@ -130,13 +153,15 @@ def test_budget_one_is_the_unpruned_reader_exactly(arch, method):
   np.testing.assert_array_equal(got, want)
 
 
-def test_first_is_lumen_light():
+def test_first_on_full_passages_is_lumen_light():
   pruned = _reader("lumen", TokenPruning(method="first", budget=0.5))
   light = _reader("lumen_light", light_length=LP // 2)
   variables = nn.meta.unbox(_init(light))
+  full = PASSAGES[:1].copy()  # Its first passage has LP real tokens; the other is absent.
+  full[0, 1] = 0
   np.testing.assert_allclose(
-      pruned.apply(variables, QUESTION, PASSAGES, DECODER, DECODER),
-      light.apply(variables, QUESTION, PASSAGES, DECODER, DECODER),
+      pruned.apply(variables, QUESTION[:1], full, DECODER[:1], DECODER[:1]),
+      light.apply(variables, QUESTION[:1], full, DECODER[:1], DECODER[:1]),
       rtol=1e-6,
       atol=1e-6,
   )
@@ -151,7 +176,7 @@ def test_stored_rows_with_positions_give_the_on_the_fly_forward(method):
   )
   m = LP // 2
   assert memory.vectors.shape == (2, K, m, CONFIG.emb_dim) and memory.positions.shape == (2, K, m)
-  np.testing.assert_array_equal(memory.mask.sum(-1), [[4, 4], [3, 0]])  # Short ones keep all.
+  np.testing.assert_array_equal(memory.mask.sum(-1), [[4, 3], [2, 0]])  # Half of each.
   assert not np.array_equal(memory.positions[0, 0], np.arange(m))  # Not just the first M.
   width = module.reader.stored_width(CONFIG.emb_dim)
   rows = readers.code_rows(memory, width)
