@@ -48,7 +48,6 @@ from lumenvq import demo  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from lumenvq.memory import memory_store  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lumenvq.model import reader_models, token_pruning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-LP = 48  # gin_configs/demo/reader.gin's passage length.
 BF16_BYTES = 256  # d = 128 in bf16 per memory token.
 
 
@@ -148,16 +147,6 @@ DEMO_DIRS = {"lumen": "lumen", "pq_16x": "lumen_vq"}  # Trained by `make demo` a
 
 def _flags(bindings):
   return [f"--gin.{b.replace(' = ', '=')}" for b in bindings]
-
-
-def _real_tokens(out) -> np.ndarray:
-  """Real tokens of every demo passage as the readers see it (its ids and EOS, cut to Lp)."""
-  from lumenvq.data import vocab  # pylint: disable=g-import-not-at-top
-  from lumenvq.data.passage_table import PassageTable  # pylint: disable=g-import-not-at-top
-
-  spm = vocab.get_vocabulary(os.path.join(out, "vocab", "spm.model"))
-  table = PassageTable(os.path.join(out, "passages"))
-  return np.array([min(len(spm.encode(text)) + 1, LP) for text in table.iter_texts()])
 
 
 def _budget(ratio, gin_file, bindings, real_tokens) -> float:
@@ -327,7 +316,7 @@ def main(argv=None):
     if unknown:
       parser.error(f"--models: unknown experiments {unknown}")
     experiments = [e for e in experiments if e["name"] in wanted]
-  real_tokens = _real_tokens(out)
+  real_tokens = quality.real_tokens(out, os.path.join(args.gin_dir, "lumen.gin"))
   rows = [_run_experiment(e, args, out, data, real_tokens) for e in experiments]
   by_name = {r["model"]: r for r in rows}
   columns = [

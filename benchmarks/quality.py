@@ -8,8 +8,8 @@ model the project's train and eval CLIs: FiD, LUMEN and LUMEN-Light with the dem
 curriculum (top passage only, then K); LUMEN-VQ from the trained LUMEN checkpoint, as
 MEMORY-VQ does (it trains `vq_steps` more). Finished stages are reused, so models the
 demo trained (demo_out/models/lumen, lumen_vq) are not trained twice. Reports per-task
-scores (KILT's: EM; accuracy for FEVER and zsRE), their average, bytes per memory token (bf16 for float
-memory, the codes for LUMEN-VQ), compression over bf16, train step time (median of 20
+scores (KILT's: EM; accuracy for FEVER and zsRE), their average, bytes per real memory token
+of the demo passages (bf16 for float memory, the codes for LUMEN-VQ), compression over bf16, train step time (median of 20
 jitted steps on one batch, every model timed back to back at the end, so that they share
 the machine's conditions) and decode time per eval example (after the first batch). Writes benchmarks/results/quality.json and quality.png.
 """
@@ -27,6 +27,7 @@ os.chdir(REPO)  # The CLIs and gin includes name files relative to the repositor
 
 import gin  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Every module that registers gin configurables is imported before any gin file is parsed
 # (parsing locks the config).
@@ -87,6 +88,20 @@ def _step_seconds(gin_file: str, data: str, steps: int = 20) -> float:
   return statistics.median(times)
 
 
+def real_tokens(out: str, gin_file: str) -> np.ndarray:
+  """Real tokens of every demo passage as `gin_file`'s reader sees it (its ids and EOS, cut to
+  the passage length): what bytes per memory token are counted over, since padding is not
+  memory (counted per passage slot, a reader that drops padding would read as compressing)."""
+  from lumenvq.data import vocab  # pylint: disable=g-import-not-at-top
+  from lumenvq.data.passage_table import PassageTable  # pylint: disable=g-import-not-at-top
+
+  parse_experiment(gin_file)
+  lp = reader_models.ReaderModel().reader.passage_length
+  spm = vocab.get_vocabulary(os.path.join(out, "vocab", "spm.model"))
+  table = PassageTable(os.path.join(out, "passages"))
+  return np.array([min(len(spm.encode(text)) + 1, lp) for text in table.iter_texts()])
+
+
 def storage(gin_file: str, bindings=(), real_tokens=None) -> tuple:
   """(bytes per memory token, compression over bf16) from the experiment's ReaderConfig, per
   real token of passages with `real_tokens` real tokens each (default: full passages)."""
@@ -95,7 +110,7 @@ def storage(gin_file: str, bindings=(), real_tokens=None) -> tuple:
   cfg, reader = model.config, model.reader
   if reader.architecture == "fid":
     return None, None  # FiD keeps no memory: every passage is re-encoded per question.
-  # Per passage token (LUMEN-Light keeps M of Lp); float memory is stored as bf16.
+  # Per real token (LUMEN-Light keeps the first M of them); float memory is stored as bf16.
   per_token = reader.memory_bytes_per_token(dataclasses.replace(cfg, dtype="bfloat16"), real_tokens)
   return per_token, 2 * cfg.emb_dim / per_token
 
@@ -112,6 +127,7 @@ def main(argv=None):
   extra = [f"--gin.{binding}" for binding in args.gin]
   demo.prepare_data(out, args)
   lumen_dir = os.path.join(out, "models", "lumen")
+  tokens = real_tokens(out, os.path.join(args.gin_dir, "lumen.gin"))
   rows = []
   for name, gin_name, from_lumen in MODELS:
     gin_file = os.path.join(args.gin_dir, f"{gin_name}.gin")
@@ -134,7 +150,7 @@ def main(argv=None):
       )
     metrics = demo.evaluate(f"evaluate {name}", model_dir, gin_file, steps, data, extra)
     scores = {task: 100 * metrics[f"lumenvq_demo_{task}/{key}"] for task, key in SCORE.items()}
-    bytes_per_token, compression = storage(gin_file)
+    bytes_per_token, compression = storage(gin_file, real_tokens=tokens)
     seconds = [metrics[f"lumenvq_demo_{task}/seconds_per_example"] for task in SCORE]
     rows.append(
         {

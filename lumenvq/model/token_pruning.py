@@ -30,7 +30,6 @@ is then exactly the unpruned one.
 """
 
 import dataclasses
-import math
 
 import flax
 import flax.linen as nn
@@ -72,11 +71,11 @@ class TokenPruning:
 
   def kept_tokens(self, real_tokens):
     """Tokens kept of passages with `real_tokens` real tokens (int or array): ceil(budget n),
-    at least one of a non-empty passage. Integer-exact, so the model (a table of it) and the
-    byte accounting agree."""
+    at least one of a non-empty passage. Computed on the host, so the model (a table of it
+    indexed by the real count) and the byte accounting agree to the token."""
     n = np.asarray(real_tokens, np.int64)
-    k = np.array([math.ceil(self.budget * int(m) - 1e-9) for m in n.ravel()], np.int64)
-    return np.where(n > 0, np.maximum(k.reshape(n.shape), 1), 0)
+    k = np.ceil(self.budget * n - 1e-9).astype(np.int64)
+    return np.where(n > 0, np.maximum(k, 1), 0)
 
   def as_fingerprint(self) -> dict:
     return dataclasses.asdict(self)
