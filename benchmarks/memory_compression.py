@@ -9,10 +9,11 @@ MEMORY-VQ does): product quantization at 8x / 16x / 32x / 64x over bf16 (32 / 16
 subspaces of 256 codes), residual PQ (2 stages), and token pruning + PQ at the 32x and 64x
 byte budgets (`ReaderConfig.token_pruning`: learned keep-score, VQ-LM score, first tokens,
 random; the budget, a share of each passage's real tokens, is the largest that fits), with
-LUMEN and LUMEN-Light (first quarter of the slots, bf16) as references. Bytes per memory token
+LUMEN, LUMEN trained `--vq_steps` more (as long as the compressed models) and LUMEN-Light
+(first quarter of the slots, bf16) as references. Bytes per memory token
 count everything a stored token costs (codes, and each kept token's position) per *real*
-token of the demo passages (a third of their 48 slots are padding, which no store needs to
-keep: counted per slot, dropping it would read as compression); each LUMEN-VQ model's store
+token of the demo passages (a third of their 48 slots are padding, which a ragged store need
+not keep: counted per slot, dropping it would read as compression); each LUMEN-VQ model's store
 is precomputed and measured on disk too (metadata and codebooks included), its lengths are
 checked against the reader's kept tokens, and its codes give the codebook usage and
 perplexity per subspace. LUMEN-VQ at 16x is trained with
@@ -25,7 +26,7 @@ of uint8 codes vs 8 of uint16); scale-down baselines (LUMEN with d = 64 and 32 f
 2x and 4x fewer bytes as bf16); dead-code resets over the run (from its TensorBoard log).
 
 Every stage is skipped when its output exists (checkpoints, metrics, COMPLETE), so a rerun
-resumes. About 70 minutes on 2 cores from nothing; the demo's LUMEN and LUMEN-VQ are reused.
+resumes. About 90 minutes on 2 cores from nothing; the demo's LUMEN and LUMEN-VQ are reused.
 Writes benchmarks/results/memory_compression.json and memory_compression.png (the Pareto curve).
 """
 
@@ -86,6 +87,8 @@ def _experiment(
 # real tokens that stays within 32x (64x): 45% (21.5%) on the demo passages.
 FRONTIER = [
     _experiment("lumen", "reference", "lumen", start="scratch"),
+    # LUMEN trained the compressed models' vq_steps more: how much of a gap is training length.
+    _experiment("lumen_continued", "reference", "lumen"),
     _experiment("lumen_light_4x", "reference", "lumen_light"),
     _experiment("pq_8x", "pq", "lumen_vq", _pq(32)),
     _experiment("pq_16x", "pq", "lumen_vq", _pq(16)),

@@ -258,6 +258,7 @@ def test_gin_files_compose():
   finally:
     gin.clear_config()
   assert generic.token_pruning == TokenPruning(method="learned", budget=0.5)
+  assert demo.token_pruning == TokenPruning(method="vq_lm", budget=0.45)
   assert demo.memory_length == 22 and demo.stored_width(t5.emb_dim) == 17
   assert demo.compression_ratio(dataclasses.replace(t5, dtype="bfloat16")) == pytest.approx(
       256 / (17 * 22 / 48)
