@@ -84,7 +84,7 @@ def _experiment(
 
 
 # Pruned: 16 codes + a position per kept token, the budget the largest share of each passage's
-# real tokens that stays within 32x (64x): 45% (21.5%) on the demo passages.
+# real tokens that stays within 32x (64x): 45% (22%) on the demo passages.
 FRONTIER = [
     _experiment("lumen", "reference", "lumen", start="scratch"),
     # LUMEN trained the compressed models' vq_steps more: how much of a gap is training length.
